@@ -1,0 +1,62 @@
+"""The one exception family gptkit raises.
+
+Every layer raises a subclass of :class:`GptkitError` for problems a user can fix (bad input, a
+missing file, a missing extra). The CLI turns these into a one-line ``Error: ...`` and a non-zero
+exit; embedding applications catch ``GptkitError``. Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+
+class GptkitError(Exception):
+    """Base class of every error gptkit raises on purpose."""
+
+
+class ConfigError(GptkitError, ValueError):
+    """An invalid configuration or argument value (sizes, presets, sampling options)."""
+
+
+class TokenizerError(GptkitError, ValueError):
+    """A tokenizer that cannot be built, loaded or used."""
+
+
+class DataError(GptkitError, ValueError):
+    """A training corpus that cannot be read or is unusable."""
+
+
+class CheckpointError(GptkitError):
+    """A missing, corrupt or mismatched checkpoint."""
+
+
+class ModelFileError(GptkitError):
+    """An exported model file that is missing, unreadable or not a gptkit export."""
+
+
+class ExportError(GptkitError):
+    """An export that could not be completed."""
+
+
+class ParityError(ExportError):
+    """ONNX Runtime and PyTorch disagree beyond tolerance."""
+
+
+class GenerationError(GptkitError, ValueError):
+    """A generation request that cannot be served (for example, past the context limit)."""
+
+
+class MissingDependencyError(GptkitError, ImportError):
+    """An optional dependency is not installed; the message names the install command."""
+
+
+def require(module: str, *, extra: str, purpose: str) -> None:
+    """Raise MissingDependencyError naming the pip command when ``module`` is not importable.
+
+    Checked with ``find_spec`` so nothing is imported: ``gptkit --help`` stays light.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(
+            f"{purpose} needs {module}, which is not installed; "
+            f"install it with: pip install 'gptkit[{extra}]'"
+        )
