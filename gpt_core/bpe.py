@@ -28,7 +28,9 @@ def train_bpe(
     ``min_frequency`` times; ``Tokenizer.n_vocab`` is the real size.
     """
     if vocab_size < 257:
-        raise TokenizerError(f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+        raise TokenizerError(
+            f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}"
+        )
     hf = train_hf_bpe(texts, vocab_size - 1, pattern=pattern, min_frequency=min_frequency)
     return Tokenizer.from_ranks(ranks_from_merges(_merges_of(hf)), name=name, pattern=pattern)
 

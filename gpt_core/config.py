@@ -46,7 +46,9 @@ class GPTConfig:
         if not isinstance(self.bias, bool):
             raise ConfigError(f"bias must be true or false, got {self.bias!r}")
         if self.init not in INIT_SCHEMES:
-            raise ConfigError(f"unknown init scheme {self.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+            raise ConfigError(
+                f"unknown init scheme {self.init!r}; choose one of {', '.join(INIT_SCHEMES)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +78,11 @@ class GPTConfig:
                 f"unknown model config key(s): {', '.join(sorted(unknown))}; "
                 f"valid keys are {', '.join(sorted(known))}"
             )
-        if "dropout" in data and isinstance(data["dropout"], int) and not isinstance(data["dropout"], bool):
+        if (
+            "dropout" in data
+            and isinstance(data["dropout"], int)
+            and not isinstance(data["dropout"], bool)
+        ):
             data = {**data, "dropout": float(data["dropout"])}
         return cls(**data)
 

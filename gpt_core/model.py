@@ -149,13 +149,17 @@ class GPT(nn.Module):
                     f"sequence of {S} tokens is longer than block_size {self.config.block_size}"
                 )
             if past_key_values is not None and len(past_key_values) != self.config.n_layer:
-                raise ValueError(f"past_key_values has {len(past_key_values)} layers, expected {self.config.n_layer}")
+                raise ValueError(
+                    f"past_key_values has {len(past_key_values)} layers, expected {self.config.n_layer}"
+                )
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, T, P, input_ids.device)
 
         attn_bias = None
         if attention_mask is not None or past_key_values is not None:
-            attn_bias = attention_bias(attention_mask, T, S, self.transformer.wte.weight.dtype, input_ids.device)
+            attn_bias = attention_bias(
+                attention_mask, T, S, self.transformer.wte.weight.dtype, input_ids.device
+            )
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)

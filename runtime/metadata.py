@@ -89,7 +89,9 @@ class ModelMetadata:
         for name in REQUIRED_CONFIG_FIELDS:
             value = config.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ModelFileError(f"{source} metadata: config field {name!r} is missing or invalid")
+                raise ModelFileError(
+                    f"{source} metadata: config field {name!r} is missing or invalid"
+                )
         if config["n_embd"] % config["n_head"]:
             raise ModelFileError(f"{source} metadata: n_embd is not divisible by n_head")
         export = _json_object(props, KEY_EXPORT, source) if KEY_EXPORT in props else {}
@@ -111,7 +113,9 @@ def _json_object(props: dict[str, str], key: str, source: str) -> dict[str, Any]
     try:
         value = json.loads(props[key])
     except KeyError:
-        raise ModelFileError(f"{source} metadata is missing {key!r}; re-export it with gptkit") from None
+        raise ModelFileError(
+            f"{source} metadata is missing {key!r}; re-export it with gptkit"
+        ) from None
     except ValueError:
         raise ModelFileError(f"{source} metadata {key!r} is not valid JSON") from None
     if not isinstance(value, dict):

@@ -27,7 +27,9 @@ from runtime.errors import TokenizerError
 
 # GPT-2's split pattern (tiktoken's r50k pattern): contractions, letters, numbers, punctuation runs
 # and whitespace, each optionally led by one space.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
 ENDOFTEXT = "<|endoftext|>"
 
 FORMAT = "gptkit-tokenizer"
@@ -137,7 +139,9 @@ class Tokenizer:
         ids = list(ids)
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside this tokenizer's 0..{self.n_vocab - 1}")
+            raise TokenizerError(
+                f"token id {bad[0]} is outside this tokenizer's 0..{self.n_vocab - 1}"
+            )
         return self.encoding.decode_bytes(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -278,6 +282,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved file should read like any other
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -318,7 +323,9 @@ def _parse_ranks(text: str) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise TokenizerError(f"corrupt tokenizer ranks at line {lineno}: {line[:40]!r}") from None
+            raise TokenizerError(
+                f"corrupt tokenizer ranks at line {lineno}: {line[:40]!r}"
+            ) from None
     if not ranks:
         raise TokenizerError("tokenizer ranks are empty")
     return ranks
@@ -342,4 +349,3 @@ def _reachable(host: str, timeout: float) -> bool:
             return True
     except OSError:
         return False
-

@@ -1,0 +1,266 @@
+"""CustomDataset: text files -> token ids on disk (memmap) -> (input, target) windows.
+
+Tokenizing happens once: ids are cached as a flat ``.bin`` memmap (uint16 when the vocabulary fits,
+else uint32) keyed by the content hash of the files and the tokenizer's fingerprint, so the next
+run with the same data starts at once, and a changed file is noticed. Files are read and tokenized in
+chunks, so corpora larger than RAM work; nothing ever holds all ids in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.errors import DataError
+from runtime.tokenizer import Tokenizer
+
+CHUNK_BYTES = 1 << 20  # tokenize 1 MiB at a time (split at a line boundary)
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+BUNDLED_CORPUS = "tinyshakespeare.txt.gz"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("GPTKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkit"
+    )
+    return Path(base) / "tokens"
+
+
+def bundled_corpus_path() -> Path:
+    """Tiny Shakespeare (public domain, 1.1 MB), decompressed once into the cache directory."""
+    target = default_cache_dir().parent / "tinyshakespeare.txt"
+    if not target.exists():
+        data = gzip.decompress(
+            resources.files("gpt_core").joinpath("data", BUNDLED_CORPUS).read_bytes()
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_text_files(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+) -> list[Path]:
+    """Expand files and directories (their text files, sorted) into a list of files; errors are one line."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(
+                f"data path {path} does not exist; pass a text file or a directory of .txt files"
+            )
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+            )
+            if not found:
+                raise DataError(f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)})")
+            files.extend(found)
+        else:
+            files.append(path)
+    for file in files:
+        if file.stat().st_size == 0:
+            raise DataError(f"{file} is empty; give it some text to train on")
+    return files
+
+
+def read_text(files: Sequence[Path], limit: int | None = None) -> str:
+    """The files' text (validated as UTF-8), joined by newlines; at most about ``limit`` characters."""
+    parts, total = [], 0
+    for file in files:
+        for chunk in _utf8_chunks(file):
+            parts.append(chunk)
+            total += len(chunk)
+            if limit is not None and total >= limit:
+                return "".join(parts)
+        parts.append("\n")
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    ids: np.memmap  # flat token ids of this split
+    n_chars: int  # characters of raw text these ids cover (for bits per character)
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.n_chars / max(1, len(self.ids))
+
+
+class CustomDataset(torch.utils.data.Dataset):
+    """(input, target) windows of ``block_size`` tokens over one split of a tokenized corpus.
+
+    >>> ds = CustomDataset("input.txt", tokenizer, block_size=128)  # doctest: +SKIP
+    >>> x, y = ds[0]  # y is x shifted left by one token
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        tokenizer: Tokenizer,
+        block_size: int,
+        *,
+        split: str = "train",
+        val_fraction: float = 0.1,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        self.files = resolve_text_files(paths)
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        all_ids, n_chars = tokenize_cached(self.files, tokenizer, cache_dir)
+        n = len(all_ids)
+        n_val = max(block_size + 1, int(n * val_fraction))
+        if n - n_val < block_size + 1:
+            raise DataError(
+                f"the corpus has only {n} tokens, too few for block_size {block_size} with a "
+                f"validation split; give more text or a smaller --block-size"
+            )
+        cut = n - n_val
+        ids = all_ids[:cut] if split == "train" else all_ids[cut:]
+        chars = round(n_chars * len(ids) / n)  # characters covered, pro rata
+        self.split = TokenSplit(ids=ids, n_chars=chars)
+
+    @property
+    def ids(self) -> np.memmap:
+        return self.split.ids
+
+    def __len__(self) -> int:
+        """Number of non-overlapping windows (one epoch)."""
+        return (len(self.ids) - 1) // self.block_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.window(index * self.block_size)
+
+    def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = torch.from_numpy(
+            np.asarray(self.ids[start : start + self.block_size + 1], dtype=np.int64)
+        )
+        return chunk[:-1], chunk[1:]
+
+    def batch(self, starts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.window(int(s)) for s in starts), strict=True)
+        return torch.stack(xs), torch.stack(ys)
+
+    def epoch_starts(self, epoch: int, seed: int) -> np.ndarray:
+        """Window start offsets for one epoch: a shuffled tiling with a random phase, seeded."""
+        rng = np.random.default_rng([seed, epoch])
+        phase = int(rng.integers(0, self.block_size))
+        n = (len(self.ids) - 1 - phase) // self.block_size
+        return phase + self.block_size * rng.permutation(n)
+
+
+def tokenize_cached(
+    files: Sequence[Path], tokenizer: Tokenizer, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[np.memmap, int]:
+    """Token ids of ``files`` (documents separated by <|endoftext|>) from the cache, building it once."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = _cache_key(files, tokenizer)
+    bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
+    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
+    if bin_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta[
+            "n_chars"
+        ]
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
+    n_tokens = n_chars = 0
+    try:
+        with open(tmp, "wb") as out:
+            for i, file in enumerate(files):
+                if i > 0 and tokenizer.eot_token >= 0:
+                    out.write(np.array([tokenizer.eot_token], dtype=dtype).tobytes())
+                    n_tokens += 1
+                for chunk in _utf8_chunks(file):
+                    ids = tokenizer.encode(chunk)
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_chars += len(chunk)
+        os.replace(tmp, bin_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {
+        "n_tokens": n_tokens,
+        "n_chars": n_chars,
+        "dtype": np.dtype(dtype).name,
+        "files": [str(f) for f in files],
+        "tokenizer": tokenizer.fingerprint(),
+    }
+    tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), n_chars
+
+
+def _cache_key(files: Sequence[Path], tokenizer: Tokenizer) -> str:
+    digest = hashlib.sha256(tokenizer.fingerprint().encode())
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+        digest.update(b"\x00file\x00")
+    return digest.hexdigest()[:24]
+
+
+def _utf8_chunks(file: Path) -> Iterator[str]:
+    """Decode ``file`` in ~1 MiB chunks ending at a newline; invalid UTF-8 names file and offset."""
+    offset = 0
+    carry = b""
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(CHUNK_BYTES)
+            data = carry + block
+            if not data:
+                return
+            if block:
+                cut = data.rfind(b"\n") + 1 or _utf8_boundary(data)
+                data, carry = data[:cut], data[cut:]
+            else:
+                carry = b""
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{file} is not UTF-8 text (invalid byte at offset {offset + e.start}); "
+                    "convert it to UTF-8 first"
+                ) from None
+            if "\x00" in text:
+                at = offset + data.index(b"\x00")
+                raise DataError(
+                    f"{file} looks like a binary file (NUL byte at offset {at}); pass text files"
+                )
+            offset += len(data)
+            yield text
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """The largest prefix length of ``data`` that does not end inside a multi-byte character."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        if byte >= 0xC0:  # lead byte of a 2-, 3- or 4-byte sequence
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if needed > back else len(data)
+        return len(data)
+    return len(data)
