@@ -1,3 +1,5 @@
 """gptkit: train a GPT from scratch, export it to ONNX with a KV cache, run it without PyTorch."""
 
-__version__ = "0.1.0"
+from runtime.version import VERSION as __version__
+
+__all__ = ["__version__"]

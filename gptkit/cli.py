@@ -47,7 +47,10 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    click.echo("gptkit: train -> export -> run (Ctrl-C stops; `gptkit --help` lists the commands)", err=True)
+    click.echo(
+        "gptkit: train -> export -> run (Ctrl-C stops; `gptkit --help` lists the commands)",
+        err=True,
+    )
     ctx.invoke(train_command)
     ctx.invoke(export_command, output=DEFAULT_MODEL)
     ctx.invoke(run_command, prompt=DEFAULT_PROMPT, model=DEFAULT_MODEL)

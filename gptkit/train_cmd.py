@@ -15,30 +15,67 @@ DEFAULT_STEPS = 1400  # about ten minutes for small-cpu on two CPU cores
 
 
 @click.command("train")
-@click.option("--data", multiple=True, type=click.Path(), help="Text file or directory of .txt files (repeatable). Default: bundled Tiny Shakespeare.")
-@click.option("--out", default=DEFAULT_OUT, show_default=True, help="Run directory (checkpoints, metrics).")
-@click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Model shape: tiny, small-cpu, gpt2, gpt2-medium.")
-@click.option("--config", "config_file", type=click.Path(), help="JSON file with model and/or training fields.")
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(),
+    help="Text file or directory of .txt files (repeatable). Default: bundled Tiny Shakespeare.",
+)
+@click.option(
+    "--out", default=DEFAULT_OUT, show_default=True, help="Run directory (checkpoints, metrics)."
+)
+@click.option(
+    "--preset",
+    default=DEFAULT_PRESET,
+    show_default=True,
+    help="Model shape: tiny, small-cpu, gpt2, gpt2-medium.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(),
+    help="JSON file with model and/or training fields.",
+)
 @click.option("--n-layer", type=int, help="Number of transformer blocks.")
 @click.option("--n-head", type=int, help="Attention heads per block.")
 @click.option("--n-embd", type=int, help="Embedding width (divisible by --n-head).")
 @click.option("--block-size", type=int, help="Context length in tokens.")
 @click.option("--dropout", type=float, help="Dropout probability.")
-@click.option("--init", "init_scheme", type=click.Choice(["gpt2", "neox", "xavier"]), help="Weight init scheme.")
+@click.option(
+    "--init",
+    "init_scheme",
+    type=click.Choice(["gpt2", "neox", "xavier"]),
+    help="Weight init scheme.",
+)
 @click.option("--batch-size", type=int, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--epochs", type=float, help="Train for this many passes over the data.")
-@click.option("--max-steps", type=int, help=f"Train for this many optimizer steps (default {DEFAULT_STEPS} when --epochs is not given).")
+@click.option(
+    "--max-steps",
+    type=int,
+    help=f"Train for this many optimizer steps (default {DEFAULT_STEPS} when --epochs is not given).",
+)
 @click.option("--eval-interval", type=int, help="Evaluate, sample and checkpoint every N steps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--compile", "use_compile", is_flag=True, help="Use torch.compile.")
 @click.option("--seed", type=int, help="Random seed (training is deterministic on CPU).")
-@click.option("--tokenizer", help="bpe (trained on the data, default), gpt2, or a saved tokenizer path.")
+@click.option(
+    "--tokenizer", help="bpe (trained on the data, default), gpt2, or a saved tokenizer path."
+)
 @click.option("--vocab-size", type=int, help="Vocabulary size for --tokenizer bpe.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--init-from", type=click.Path(), help="Start from a gptkit checkpoint or a local Hugging Face GPT-2 directory.")
+@click.option(
+    "--init-from",
+    type=click.Path(),
+    help="Start from a gptkit checkpoint or a local Hugging Face GPT-2 directory.",
+)
 def train_command(
     data: tuple[str, ...] = (),
     out: str = DEFAULT_OUT,
@@ -77,30 +114,55 @@ def train_command(
     from gpt_core.train import TrainConfig, train
 
     if resume and init_from:
-        raise click.UsageError("--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one")
+        raise click.UsageError(
+            "--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one"
+        )
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_overrides, train_overrides = _read_config_file(config_file, model_fields, train_fields)
-    cli_model = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
-                 "dropout": dropout, "init": init_scheme}
+    cli_model = {
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "n_embd": n_embd,
+        "block_size": block_size,
+        "dropout": dropout,
+        "init": init_scheme,
+    }
     model_overrides.update({k: v for k, v in cli_model.items() if v is not None})
     model_config = GPTConfig.preset(preset, **model_overrides)
 
-    cli_train = {"batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "epochs": epochs,
-                 "max_steps": max_steps, "eval_interval": eval_interval, "seed": seed,
-                 "tokenizer": tokenizer, "vocab_size": vocab_size}
+    cli_train = {
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "eval_interval": eval_interval,
+        "seed": seed,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+    }
     train_overrides.update({k: v for k, v in cli_train.items() if v is not None})
     if train_overrides.get("epochs") is None and train_overrides.get("max_steps") is None:
         train_overrides["max_steps"] = DEFAULT_STEPS
-    config = TrainConfig(data=list(data), out_dir=out, precision=precision, device=device,
-                         compile=use_compile, **train_overrides)
+    config = TrainConfig(
+        data=list(data),
+        out_dir=out,
+        precision=precision,
+        device=device,
+        compile=use_compile,
+        **train_overrides,
+    )
 
     display = _Display()
     result = train(model_config, config, callback=display, resume=resume, init_from=init_from)
     display.close()
     if result.interrupted:
-        click.echo(f"Interrupted at step {result.step}; checkpoint saved. Resume with: "
-                   f"gptkit train --out {out} --resume", err=True)
+        click.echo(
+            f"Interrupted at step {result.step}; checkpoint saved. Resume with: "
+            f"gptkit train --out {out} --resume",
+            err=True,
+        )
         raise SystemExit(130)
     click.echo(
         f"Saved to {Path(out) / 'best'} (last: {Path(out) / 'last'}); best validation "
@@ -110,7 +172,9 @@ def train_command(
     )
 
 
-def _read_config_file(path: str | None, model_fields: set[str], train_fields: set[str]) -> tuple[dict, dict]:
+def _read_config_file(
+    path: str | None, model_fields: set[str], train_fields: set[str]
+) -> tuple[dict, dict]:
     """Split a JSON config (flat, or with "model"/"train" objects) into model and train fields."""
     if path is None:
         return {}, {}
@@ -148,16 +212,22 @@ class _Display:
                 f"{d['steps_per_epoch']} steps per epoch)",
                 err=True,
             )
-            self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True
+            )
         elif event.kind == "step" and self.bar is not None:
             d = event.data
-            self.bar.set_postfix(loss=f"{d['loss']:.3f}", lr=f"{d['lr']:.2e}", tok_s=f"{d['tokens_per_s']:,.0f}")
+            self.bar.set_postfix(
+                loss=f"{d['loss']:.3f}", lr=f"{d['lr']:.2e}", tok_s=f"{d['tokens_per_s']:,.0f}"
+            )
             self.bar.update(1)
         elif event.kind == "eval":
             d = event.data
             best = " (best)" if d["best"] else ""
-            line = (f"step {event.step}: train loss {d['loss']:.3f}, val loss {d['val_loss']:.3f}, "
-                    f"val {d['val_bpc']:.3f} bits/char{best}")
+            line = (
+                f"step {event.step}: train loss {d['loss']:.3f}, val loss {d['val_loss']:.3f}, "
+                f"val {d['val_bpc']:.3f} bits/char{best}"
+            )
             sample = d["sample"].strip("\n")
             text = f"{line}\n--- sample ---\n{sample}\n--------------"
             if self.bar is not None:
@@ -165,7 +235,9 @@ class _Display:
             else:
                 click.echo(text, err=True)
         elif event.kind == "done" and event.data.get("plot") is None:
-            self._write("Loss curve skipped: install matplotlib (pip install 'gptkit[plot]') for loss.png")
+            self._write(
+                "Loss curve skipped: install matplotlib (pip install 'gptkit[plot]') for loss.png"
+            )
 
     def _write(self, text: str) -> None:
         if self.bar is not None:

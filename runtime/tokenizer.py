@@ -293,16 +293,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def _check_ranks(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
-    ids = sorted(ranks.values())
-    if ids != list(range(len(ids))):
-        raise TokenizerError("tokenizer ranks must be the ids 0..n-1, each used once")
+    # Special tokens may sit anywhere, not only after the ranks: a Hugging Face tokenizer trained
+    # with special tokens puts <|endoftext|> at id 0, and an import must keep HF's ids.
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError("tokenizer ranks must be distinct ids")
     if len(ranks) < 256 or any(bytes([b]) not in ranks for b in range(256)):
         raise TokenizerError("a byte-level tokenizer needs all 256 single bytes in its ranks")
-    taken = set(ids)
+    taken = set(ranks.values())
     for token, token_id in special_tokens.items():
         if token_id in taken:
             raise TokenizerError(f"special token {token!r} reuses id {token_id}")
         taken.add(token_id)
+    if taken != set(range(len(taken))):
+        raise TokenizerError(
+            "tokenizer ids (ranks and special tokens) must be 0..n-1, each used once"
+        )
 
 
 def _dump_ranks(ranks: dict[bytes, int]) -> str:
