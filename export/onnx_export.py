@@ -153,7 +153,7 @@ def export_onnx(
             "gptkit_version": _gptkit_version(),
             "torch_version": torch.__version__,
             "onnx_version": onnx.__version__,
-            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source": source,
         },
     )

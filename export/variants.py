@@ -21,9 +21,9 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     The head gets its own copy of the (transposed) embedding first: quantised while tied, the
     embedding would be dequantised into the head at every step, which is slower than fp32.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untie_embedding(proto)
     root = logging.getLogger()
