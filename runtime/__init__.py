@@ -3,25 +3,45 @@
 Public API::
 
     import runtime
-    model = runtime.load("model.onnx")
-    print(model.generate("ROMEO:", max_new_tokens=50))
+    model = runtime.load("model.onnx")            # weights, config and tokenizer from one file
+    model.generate("ROMEO:", max_new_tokens=50, seed=0)
+    for piece in model.stream("ROMEO:"): ...
+    model.score("To be, or not to be").perplexity
 
-This package never imports PyTorch. Heavy names load lazily, so importing ``runtime.errors`` (as the
-CLI does to print errors) costs nothing.
+This package never imports PyTorch. Names load lazily, so importing ``runtime.errors`` (as the CLI
+does to print errors) does not import onnxruntime.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import GptkitError
+from runtime.version import VERSION as __version__
 
 if TYPE_CHECKING:  # pragma: no cover
+    from runtime.model import GenerationResult, Model, ScoreResult, load
+    from runtime.sampling import SamplingConfig
     from runtime.tokenizer import Tokenizer
 
-__all__ = ["GptkitError", "Tokenizer"]
+__all__ = [
+    "GenerationResult",
+    "GptkitError",
+    "Model",
+    "SamplingConfig",
+    "ScoreResult",
+    "Tokenizer",
+    "__version__",
+    "load",
+]
 
 _LAZY = {
+    "load": "runtime.model",
+    "Model": "runtime.model",
+    "GenerationResult": "runtime.model",
+    "ScoreResult": "runtime.model",
+    "SamplingConfig": "runtime.sampling",
     "Tokenizer": "runtime.tokenizer",
 }
 
@@ -30,6 +50,4 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)

@@ -48,15 +48,15 @@ class MissingDependencyError(GptkitError, ImportError):
     """An optional dependency is not installed; the message names the install command."""
 
 
-def require(module: str, *, extra: str, purpose: str) -> None:
+def require(module: str, *, extra: str | None, purpose: str) -> None:
     """Raise MissingDependencyError naming the pip command when ``module`` is not importable.
 
-    Checked with ``find_spec`` so nothing is imported: ``gptkit --help`` stays light.
+    ``extra=None`` means a base dependency. Checked with ``find_spec`` so nothing is imported.
     """
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
+        target = f"'gptkit[{extra}]'" if extra else "gptkit"
         raise MissingDependencyError(
-            f"{purpose} needs {module}, which is not installed; "
-            f"install it with: pip install 'gptkit[{extra}]'"
+            f"{purpose} needs {module}, which is not installed; install it with: pip install {target}"
         )
