@@ -38,8 +38,8 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 def load_hf_gpt2(directory: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
     """Load a Hugging Face ``GPT2LMHeadModel`` directory; logits match ``transformers`` (fp32).
 
-    Dropout is set to 0.0: the import is for inference and fine-tuning, where HF's pretraining
-    dropout (0.1) is rarely wanted; change it with ``model.config`` before building a new model.
+    Dropout is 0.0 (HF's pretraining dropout is not wanted for inference); to fine-tune with
+    dropout, build ``GPT(model.config.replace(dropout=0.1))`` and load ``model.state_dict()``.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -47,7 +47,8 @@ def load_hf_gpt2(directory: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
     config = hf_config(directory)
     model = GPT(config)
     shapes = {key: value.shape for key, value in model.state_dict().items()}
-    model.load_state_dict(_our_state_dict(_read_weights(directory), shapes), strict=True)
+    weights = _our_state_dict(_read_weights(directory), shapes, directory)
+    model.load_state_dict(weights, strict=True)
     model.eval()
     tokenizer = hf_tokenizer(directory)
     if tokenizer.n_vocab > config.vocab_size:
@@ -62,6 +63,13 @@ def hf_config(directory: Path) -> GPTConfig:
     """A GPTConfig from HF's ``config.json``, refusing options our GPT does not implement."""
     path = directory / "config.json"
     hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if "model" in hf and "n_layer" not in hf:
+        raise CheckpointError(
+            f"{path} is a gptkit checkpoint, not a Hugging Face one; "
+            "load it with gpt_core.checkpoint.load_model"
+        )
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(
             f"{path}: model_type is {hf['model_type']!r}; only GPT-2 checkpoints can be imported"
@@ -123,7 +131,7 @@ def hf_tokenizer(directory: Path) -> Tokenizer:
         if not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
             raise CheckpointError(f"{source}: expected a JSON object of token -> id")
         merges = _read_merges(directory / "merges.txt")
-        specials = {ENDOFTEXT: vocab[ENDOFTEXT]} if ENDOFTEXT in vocab else {}
+        specials = _slow_specials(directory, vocab)
         pattern = GPT2_PATTERN
     else:
         raise CheckpointError(
@@ -180,7 +188,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _our_state_dict(
-    hf: dict[str, torch.Tensor], expected: dict[str, torch.Size]
+    hf: dict[str, torch.Tensor], expected: dict[str, torch.Size], directory: Path
 ) -> dict[str, torch.Tensor]:
     """Rename, transpose and check HF's tensors against our GPT's state dict shapes (fp32)."""
     state: dict[str, torch.Tensor] = {}
@@ -200,7 +208,8 @@ def _our_state_dict(
     if wte is not None:
         if head is not None and not torch.equal(head.float(), wte):
             raise CheckpointError(
-                "lm_head.weight differs from wte: untied output heads are not supported"
+                f"{directory}: lm_head.weight differs from wte; gptkit's GPT ties them, so "
+                "untied GPT-2 variants cannot be imported"
             )
         state["lm_head.weight"] = wte
     missing = sorted(expected.keys() - state.keys())
@@ -208,13 +217,13 @@ def _our_state_dict(
     if missing or unexpected:
         detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise CheckpointError(
-            f"the safetensors weights do not fit a GPT-2 of this config.json ({detail}); "
+            f"{directory}: the safetensors weights do not fit its config.json ({detail}); "
             "check that both files come from the same model"
         )
     for key, shape in expected.items():
         if state[key].shape != shape:
             raise CheckpointError(
-                f"weight {key} has shape {tuple(state[key].shape)}, config.json implies "
+                f"{directory}: weight {key} has shape {tuple(state[key].shape)}, config.json implies "
                 f"{tuple(shape)}; check that both files come from the same model"
             )
     return state
@@ -274,6 +283,34 @@ def _pattern_of(pre_tokenizer: Any, path: Path) -> str:
         f"{path}: unsupported pre_tokenizer {json.dumps(pre_tokenizer)[:80]}; gptkit imports "
         "GPT-2-style ByteLevel pre-tokenization without add_prefix_space"
     )
+
+
+def _slow_specials(directory: Path, vocab: dict[str, int]) -> dict[str, int]:
+    """Special tokens beside vocab.json: GPT-2's own ``<|endoftext|>`` entry in the vocab, and
+    added tokens, which older transformers wrote to ``added_tokens.json`` or
+    ``tokenizer_config.json`` (``added_tokens_decoder``)."""
+    specials = {ENDOFTEXT: vocab[ENDOFTEXT]} if ENDOFTEXT in vocab else {}
+    if (directory / "added_tokens.json").is_file():
+        added = _read_json(directory / "added_tokens.json")
+        if not isinstance(added, dict) or not all(isinstance(v, int) for v in added.values()):
+            raise CheckpointError(f"{directory / 'added_tokens.json'}: expected token -> id")
+        specials.update(added)
+    if (directory / "tokenizer_config.json").is_file():
+        path = directory / "tokenizer_config.json"
+        config = _read_json(path)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        if config.get("add_prefix_space"):
+            raise CheckpointError(
+                f"{path}: add_prefix_space is true; gptkit imports GPT-2's pre-tokenization "
+                "without it (set it to false if the model was trained that way)"
+            )
+        decoder = config.get("added_tokens_decoder") or {}
+        try:
+            specials.update({entry["content"]: int(i) for i, entry in decoder.items()})
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed added_tokens_decoder") from None
+    return specials
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
