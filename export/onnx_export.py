@@ -12,30 +12,38 @@ Hugging Face Optimum and onnxruntime-genai's generic ``decoder`` type use::
 
 One graph serves the prompt (past of length 0) and every cached step. The file carries the model
 config, the tokenizer and export details in its metadata, so it is the only thing the runtime needs.
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It keeps every axis
+dynamic from one trace at example sizes >= 2, which ``torch.export`` does not guarantee for KV-cache
+decoders (it specialises sizes 0 and 1; see docs/ANCHORS pitfalls 3 and 11). Any TracerWarning is
+an error here: it means a shape was frozen into the graph.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import torch
 
 from gpt_core.model import GPT
 from runtime.errors import ExportError
 from runtime.metadata import LOGITS_ALL, ModelMetadata
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import Tokenizer, atomic_write_bytes
 
-DEFAULT_OPSET = 17  # TorchScript exporter; 14 is the lowest with the ops we emit
-SUPPORTED_OPSETS = range(14, 21)
+DEFAULT_OPSET = 17  # first opset with LayerNormalization; what ORT's transformer fusions know best
+SUPPORTED_OPSETS = range(14, 21)  # 14: first with SDPA's ops; 20: the TorchScript exporter's last
 DTYPES = ("fp32", "fp16")
 QUANTIZE = (None, "int8")
+MAX_PROTO_BYTES = 2**31 - 1  # protobuf's hard limit for one serialised message
+HEAD_TRANSPOSE = "lm_head/Transpose"  # the node through which the output head reads wte
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -52,8 +60,8 @@ def output_names(n_layer: int) -> list[str]:
     return names
 
 
-class _CachedDecoder(torch.nn.Module):
-    """The GPT with flat cache inputs/outputs, as ONNX sees it."""
+class CachedDecoder(torch.nn.Module):
+    """The GPT with flat cache inputs and outputs: what the ONNX graph's signature looks like."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
@@ -78,7 +86,13 @@ class ExportOptions:
     quantize: str | None = None
     optimize: bool = False
 
+    @property
+    def variant(self) -> str:
+        """The name parity tolerances are keyed by: fp32, fp16 or int8."""
+        return self.quantize or self.dtype
+
     def validate(self) -> None:
+        """Reject unsupported values and combinations before any work is done."""
         if self.opset not in SUPPORTED_OPSETS:
             raise ExportError(
                 f"opset {self.opset} is not supported; use one of "
@@ -89,7 +103,10 @@ class ExportOptions:
         if self.quantize not in QUANTIZE:
             raise ExportError(f"unknown quantization {self.quantize!r}; the only one is int8")
         if self.dtype == "fp16" and self.quantize:
-            raise ExportError("--dtype fp16 and --quantize int8 cannot be combined; pick one")
+            raise ExportError(
+                "--dtype fp16 and --quantize int8 cannot be combined; int8 keeps fp32 "
+                "activations, so pick one"
+            )
 
 
 @dataclass
@@ -99,7 +116,10 @@ class ExportResult:
     n_params: int
     inputs: list[str]
     outputs: list[str]
+    export_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. which fusions the optimizer applied
+    fusions: dict[str, int] = field(default_factory=dict)  # fused op type -> count (--optimize)
+    signature: dict[str, str] = field(default_factory=dict)  # name -> "int64 [batch_size, ...]"
 
 
 def export_onnx(
@@ -110,74 +130,112 @@ def export_onnx(
     options: ExportOptions | None = None,
     source: str | None = None,
 ) -> ExportResult:
-    """Trace ``model`` into ``path`` (written atomically: a failure leaves any old file intact)."""
+    """Export ``model`` to ``path``, written atomically: a failure leaves any old file intact.
+
+    The caller's model is not modified (a non-fp32 or non-CPU model is copied first, and the
+    training/eval mode is restored afterwards).
+    """
+    import time
+
+    start = time.perf_counter()
     options = options or ExportOptions()
     options.validate()
     path = Path(path)
     check_target(path)
-    model = model.float().cpu().eval()  # dropout off; the export is always traced in fp32
     cfg = model.config
+    if tokenizer.n_vocab > cfg.vocab_size:
+        raise ExportError(
+            f"the tokenizer has {tokenizer.n_vocab} ids but the model only {cfg.vocab_size}; "
+            "they do not belong together"
+        )
     proto = trace(model, options.opset)
     tie_embedding(proto)
     notes: list[str] = []
+    fusions: dict[str, int] = {}
+    if options.optimize:  # before fp16/int8: the fusion patterns are written for fp32 graphs
+        from export.variants import optimize
+
+        proto, fusions = optimize(proto, cfg.n_head, cfg.n_embd)
+        found = ", ".join(f"{op} x{n}" for op, n in fusions.items())
+        notes.append(f"optimize: fused {found or 'nothing'}")
     if options.quantize == "int8":
         from export.variants import quantize_int8
 
         proto = quantize_int8(proto)
         notes.append(
-            "int8: MatMul weights quantised (dynamic, per-tensor QInt8); output head stored separately"
+            "int8: MatMul weights quantised (dynamic QInt8); output head stored apart from wte"
         )
-    if options.dtype == "fp16":
+    elif options.dtype == "fp16":
         from export.variants import to_fp16
 
         proto = to_fp16(proto)
-        notes.append(
-            "fp16: weights and KV cache in fp16; LayerNorm, Softmax and logits kept in fp32"
-        )
-    if options.optimize:
-        from export.variants import optimize
-
-        proto, fusions = optimize(proto)
-        notes.append("optimize: " + (", ".join(fusions) if fusions else "no fusions applied"))
+        tie_embedding(proto)  # the converter may fold the head's Transpose into a second copy
+        notes.append("fp16: weights and KV cache fp16; LayerNorm, Softmax and logits fp32")
 
     meta = ModelMetadata(
         config=cfg.to_dict(),
         tokenizer=tokenizer,
         export={
+            "format": "onnx",
+            "io": "optimum-decoder",  # names as Optimum / onnxruntime-genai type "decoder"
             "logits": LOGITS_ALL,
             "opset": options.opset,
             "dtype": options.dtype,
+            "kv_dtype": options.dtype,
             "quantize": options.quantize,
             "optimize": options.optimize,
-            "exporter": "torch.onnx (TorchScript)",
+            "fusions": fusions,
+            "exporter": "torch.onnx.export(dynamo=False)",
+            "n_params": model.num_params(),
             "gptkit_version": _gptkit_version(),
             "torch_version": torch.__version__,
             "onnx_version": onnx.__version__,
-            "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
             "source": source,
         },
     )
     del proto.metadata_props[:]
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
-    write_atomically(proto, path)
+    write_model(proto, path)
     return ExportResult(
         path=path,
         size_bytes=path.stat().st_size,
         n_params=model.num_params(),
         inputs=input_names(cfg.n_layer),
         outputs=output_names(cfg.n_layer),
+        export_seconds=time.perf_counter() - start,
         notes=notes,
+        fusions=fusions,
+        signature=signature(proto),
     )
 
 
+def signature(proto: onnx.ModelProto) -> dict[str, str]:
+    """Every graph input and output as ``name -> "dtype [dim, ...]"`` (symbolic dims by name)."""
+    out = {}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        dims = [d.dim_param or str(d.dim_value) for d in tensor.shape.dim]
+        out[value.name] = f"{dtype} [{', '.join(dims)}]"
+    return out
+
+
 def trace(model: GPT, opset: int) -> onnx.ModelProto:
-    """TorchScript-trace the cached forward with example sizes >= 2 and every axis dynamic."""
+    """Trace the cached forward of an fp32 eval-mode copy, with every axis dynamic.
+
+    Example sizes are >= 2 (batch 2, seq 3, past 4), never 0 or 1: exporters treat those as
+    constants. The exported graph is tested at past 0 and 1 and seq 1 afterwards.
+    """
     cfg = model.config
-    batch, seq, past = 2, 3, 4  # never 0 or 1: exporters specialise those sizes
+    traced = _fp32_cpu(model)
+    was_training = traced.training
+    traced.eval()  # dropout off; the mode is restored below (the caller's model may be training)
+    batch, seq, past = 2, 3, 4
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     mask = torch.ones(batch, past + seq, dtype=torch.long)
-    positions = torch.arange(past, past + seq).unsqueeze(0).expand(batch, seq)
+    positions = (torch.arange(past, past + seq) % cfg.block_size).expand(batch, seq)
     cache = [torch.zeros(batch, cfg.n_head, past, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     names_in, names_out = input_names(cfg.n_layer), output_names(cfg.n_layer)
     dynamic = {
@@ -191,36 +249,47 @@ def trace(model: GPT, opset: int) -> onnx.ModelProto:
     for name in names_out[1:]:
         dynamic[name] = {0: "batch_size", 2: "total_sequence_length"}
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript exporter deprecation notices
-        torch.onnx.export(
-            _CachedDecoder(model),
-            (ids, mask, positions, *cache),
-            buffer,
-            input_names=names_in,
-            output_names=names_out,
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript exporter"
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen shape: fail loudly
+            torch.onnx.export(
+                CachedDecoder(traced),
+                (ids, mask, positions, *cache),
+                buffer,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except torch.jit.TracerWarning as e:
+        raise ExportError(f"tracing froze a dynamic value into the graph: {e}") from None
+    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx.export failed at opset {opset}: {reason}") from None
+    finally:
+        traced.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "gptkit"
     proto.producer_version = _gptkit_version()
     return proto
 
 
-def tie_embedding(proto: onnx.ModelProto) -> None:
+def tie_embedding(proto: onnx.ModelProto) -> bool:
     """Store the tied embedding once: the head reads Transpose(wte) instead of a folded copy.
 
     Constant folding turns ``lm_head.weight`` (= wte) into a second, transposed initializer, which
     doubles the embedding's bytes in the file. Find that copy and replace it by a Transpose node.
+    Returns whether a copy was found. ONNX Runtime folds the Transpose again in memory at load.
     """
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
     wte = next((i for i in graph.initializer if i.name.endswith("transformer.wte.weight")), None)
     if wte is None:
-        return
+        return False
     wte_array = onnx.numpy_helper.to_array(wte)
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
@@ -235,18 +304,19 @@ def tie_embedding(proto: onnx.ModelProto) -> None:
         graph.node.insert(
             0,
             onnx.helper.make_node(
-                "Transpose", [wte.name], [transposed], perm=[1, 0], name="lm_head/Transpose"
+                "Transpose", [wte.name], [transposed], perm=[1, 0], name=HEAD_TRANSPOSE
             ),
         )
         node.input[1] = transposed
-        return
+        return True
+    return False
 
 
 def untie_embedding(proto: onnx.ModelProto) -> None:
-    """Give the head its own transposed weight (int8 wants to quantise it apart from the Gather)."""
+    """Give the head its own transposed weight (int8 quantises it apart from the Gather)."""
     graph = proto.graph
     for index, node in enumerate(graph.node):
-        if node.op_type == "Transpose" and node.name == "lm_head/Transpose":
+        if node.op_type == "Transpose" and node.name == HEAD_TRANSPOSE:
             wte = next(i for i in graph.initializer if i.name == node.input[0])
             array = onnx.numpy_helper.to_array(wte).T.copy()
             graph.initializer.append(onnx.numpy_helper.from_array(array, name=node.output[0]))
@@ -254,38 +324,47 @@ def untie_embedding(proto: onnx.ModelProto) -> None:
             return
 
 
-def write_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    """Serialise next to ``path`` and rename over it only once the file is complete."""
-    if proto.ByteSize() > 2**31 - 1:
+def write_model(proto: onnx.ModelProto, path: Path) -> None:
+    """Check the graph, then write it through a temp file renamed over ``path`` when complete."""
+    size = proto.ByteSize()
+    if size > MAX_PROTO_BYTES:
         raise ExportError(
-            f"the model is {proto.ByteSize() / 2**30:.1f} GB, over ONNX's 2 GB single-file limit; "
+            f"the model is {size / 2**30:.1f} GB, over ONNX's 2 GB single-file limit; "
             "models this large are not supported by gptkit export yet"
         )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(
+            f"the exported graph is not valid ONNX: {str(e).splitlines()[0]}"
+        ) from None
+    try:
+        atomic_write_bytes(path, proto.SerializeToString())
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_target(path: Path) -> None:
+    """Fail early, before any tracing, when ``path`` cannot become the output file."""
     if path.is_dir():
         raise ExportError(
             f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}"
         )
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir():
         raise ExportError(f"directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ExportError(
             f"cannot write to {parent} (permission denied); choose another output path"
         )
+
+
+def _fp32_cpu(model: GPT) -> GPT:
+    """``model`` itself when it is already fp32 on the CPU, else an fp32 CPU copy."""
+    param = next(model.parameters())
+    if param.dtype == torch.float32 and param.device.type == "cpu":
+        return model
+    return copy.deepcopy(model).float().cpu()
 
 
 def _gptkit_version() -> str:

@@ -1,35 +1,64 @@
-"""Export variants: int8 weights, fp16, and ONNX Runtime graph optimisation.
+"""Export variants: ONNX Runtime transformer fusions, int8 weights, fp16.
 
-Each takes and returns an ``onnx.ModelProto``; the exporter applies them after tracing, and the
-parity check that follows states each variant's tolerance.
+Each takes and returns an ``onnx.ModelProto``. The exporter applies them after tracing in this
+order: optimize (fusion patterns are written for fp32 graphs), then int8 or fp16. The parity check
+that follows states each variant's tolerance (``export.parity.TOLERANCES``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
-from export.onnx_export import untie_embedding
+from export.onnx_export import tie_embedding, untie_embedding
+
+# Ops that stay fp32 in the fp16 variant: normalisation statistics and softmax sums lose too much
+# precision (or overflow) in fp16 (ANCHORS pitfall 8; ORT's GPT-2 recipe does the same).
+FP32_OPS = ["LayerNormalization", "Softmax"]
+
+
+def optimize(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelProto, dict]:
+    """ONNX Runtime's transformer fusions for GPT-2, saved into the file.
+
+    Returns the model and the fusions that actually happened, as ``{fused op: count}`` (zero
+    counts dropped). On gptkit's graph this is SkipLayerNormalization and FastGelu; ORT's GPT-2
+    Attention fusion pattern-matches Hugging Face's graph and does not apply (ANCHORS pitfall 12).
+    The fused ops are ``com.microsoft`` contrib ops: the file then runs on ONNX Runtime only.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet("onnxruntime.transformers"):
+        optimized = optimize_model(
+            proto,
+            model_type="gpt2",
+            num_heads=n_head,
+            hidden_size=n_embd,
+            opt_level=0,  # Python fusions only; ORT applies its own level at session load anyway
+        )
+        stats = optimized.get_fused_operator_statistics()
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    tie_embedding(model)  # in case a pass folded the head's Transpose into a second copy
+    return model, {op: n for op, n in stats.items() if n}
 
 
 def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Dynamic int8 quantisation of every MatMul weight, the output head included.
 
     The head gets its own copy of the (transposed) embedding first: quantised while tied, the
-    embedding would be dequantised into the head at every step, which is slower than fp32.
+    embedding would be dequantised into the head at every step, which is slower than fp32
+    (BASELINES F2 vs F4). The embedding Gather keeps its fp32 table.
     """
-    import logging
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     untie_embedding(proto)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on every call
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet("root"):
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, src)
         quantize_dynamic(
@@ -38,48 +67,62 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
             op_types_to_quantize=["MatMul"],
             weight_type=QuantType.QInt8,
             per_channel=False,
+            # fused contrib ops (after --optimize) have no type info the quantizer can read
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        root.setLevel(level)
         return onnx.load(dst)
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 weights, activations and KV cache; LayerNorm, Softmax and the logits stay fp32.
 
-    LayerNorm statistics and softmax sums overflow or lose precision in fp16 (ANCHORS pitfall 8);
-    keeping logits fp32 also keeps sampling exact. The mask uses dtype-min, representable in fp16.
+    Inputs ids/mask/positions keep their int64 type and ``logits`` stays fp32, so sampling is
+    unchanged; the past/present tensors become fp16 (half the cache memory). The attention mask's
+    dtype-min constant is clamped to fp16's -65504 by the converter, still far below any score.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    converted = convert_float_to_float16(
-        proto,
-        keep_io_types=["input_ids", "attention_mask", "position_ids", "logits"],
-        op_block_list=["LayerNormalization", "Softmax"],
-        disable_shape_infer=False,
-    )
+    with _quiet("onnxruntime.transformers"):
+        converted = convert_float_to_float16(
+            proto,
+            keep_io_types=["logits"],
+            op_block_list=FP32_OPS,
+        )
+    sort_topologically(converted.graph)  # the converter appends its Casts out of order
     return converted
 
 
-def optimize(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """ONNX Runtime's extended graph optimisations, saved into the file (runtime-specific ops).
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after its inputs' producers (stable).
 
-    Returns the optimised model and the fusions that actually happened, as "FusedOp xN" strings,
-    found by comparing operator counts before and after.
+    ONNX Runtime accepts any order, but the ONNX checker (and other runtimes) require this.
     """
-    import onnxruntime as ort
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
-    before = Counter(node.op_type for node in proto.graph.node)
-    props = list(proto.metadata_props)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "opt.onnx"
-        onnx.save(proto, src)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(dst)
-        ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(dst)
-    after = Counter(node.op_type for node in optimized.graph.node)
-    fusions = [f"{op} x{count}" for op, count in sorted(after.items()) if count > before.get(op, 0)]
-    del optimized.metadata_props[:]
-    optimized.metadata_props.extend(props)
-    return optimized, fusions
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a library's INFO/WARNING chatter (quantize_dynamic's pre-processing hint, ...)."""
+    logger = logging.getLogger() if logger_name == "root" else logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

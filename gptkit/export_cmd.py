@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import click
@@ -23,16 +25,22 @@ from runtime.errors import require
     help="A local Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files).",
 )
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (14-20).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 halves the file and the KV cache (for GPUs; LayerNorm, Softmax, logits stay fp32).",
+)
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    help="Dynamic int8 quantisation of the MatMul weights.",
+    help="Dynamic int8 quantisation of the MatMul weights (smaller and faster on CPU).",
 )
 @click.option(
     "--optimize",
     is_flag=True,
-    help="Apply ONNX Runtime graph optimisations (runtime-specific ops).",
+    help="Save ONNX Runtime's transformer fusions into the file (then ONNX Runtime only).",
 )
 def export_command(
     output: str = "model.onnx",
@@ -47,64 +55,78 @@ def export_command(
 
     The file carries the weights, the model config and the tokenizer; `gptkit run` needs nothing
     else. Before declaring success, ONNX Runtime's logits and cache are compared with PyTorch's at
-    the prompt and at cached decode steps.
+    a prompt and at cached decode steps; a model over tolerance is not written.
     """
     require("torch", extra="train", purpose="gptkit export")
     require("onnx", extra="train", purpose="gptkit export")
     from export.onnx_export import ExportOptions, check_target, export_onnx
     from export.parity import verify_parity
+    from runtime.errors import ParityError
 
     if checkpoint and hf_dir:
         raise click.UsageError("give either --checkpoint or --hf, not both")
     options = ExportOptions(opset=opset, dtype=dtype, quantize=quantize, optimize=optimize)
     options.validate()
-    check_target(Path(output))
-    if hf_dir:
-        from gpt_core.hf import load_hf_gpt2
-
-        model, tokenizer = load_hf_gpt2(hf_dir)
-        source = f"hf:{hf_dir}"
-    else:
-        from gpt_core.checkpoint import load_model, resolve_checkpoint
-
-        source = str(resolve_checkpoint(checkpoint))
-        model, tokenizer = load_model(source)
-    click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
-    variant = "int8" if quantize else dtype
-    # Export next to the target, verify, and only then move it into place: a model that fails
-    # its parity check never replaces a good file.
     target = Path(output)
-    staging = target.with_name(f".{target.name}.unverified")
+    check_target(target)  # before loading anything: a bad path should fail in a second
+    model, tokenizer, source = _load(checkpoint, hf_dir)
+    click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
+
+    # Export next to the target, verify, and only then move it into place: a model that fails
+    # its parity check never replaces a good file, and a crash leaves at most a hidden temp file.
+    fd, staging_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    staging = Path(staging_name)
     try:
         result = export_onnx(model, tokenizer, staging, options=options, source=source)
-        report = verify_parity(model, staging, variant=variant, raise_on_failure=False)
+        report = verify_parity(model, staging, variant=options.variant, raise_on_failure=False)
         for line in report.lines():
-            click.echo(line, err=True)
+            click.echo(line)
         if not report.ok:
-            raise click.ClickException(
-                "parity check failed, nothing written: " + "; ".join(report.failures)
+            raise ParityError(
+                f"parity check failed, {target} not written: " + "; ".join(report.failures)
             )
-        staging.replace(target)
+        os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
-    size_mb = result.size_bytes / 1e6
+
+    params_mb = result.n_params * 4 / 1e6
     click.echo(
-        f"Wrote {target} ({size_mb:.1f} MB; {result.n_params * 4 / 1e6:.1f} MB of fp32 parameters)",
-        err=True,
+        f"Wrote {target}: {result.size_bytes / 1e6:.2f} MB "
+        f"({params_mb:.2f} MB of fp32 parameters, opset {opset}, {options.variant}"
+        f"{', optimized' if optimize else ''}) in {result.export_seconds:.1f} s"
     )
-    click.echo(f"  inputs:  {', '.join(_abbreviate(result.inputs))}", err=True)
-    click.echo(f"  outputs: {', '.join(_abbreviate(result.outputs))}", err=True)
+    for title, names in (("inputs", result.inputs), ("outputs", result.outputs)):
+        click.echo(f"  {title}:")
+        for name, shape in _abbreviate(names, result.signature):
+            click.echo(f"    {name:<36} {shape}")
     for note in result.notes:
-        click.echo(f"  {note}", err=True)
+        click.echo(f"  {note}")
     click.echo(f'Next: gptkit run --model {target} --prompt "ROMEO:"', err=True)
 
 
-def _abbreviate(names: list[str]) -> list[str]:
-    """input_ids, ..., past_key_values.{0..11}.key|value: readable for 12-layer models."""
-    plain = [n for n in names if "." not in n]
+def _load(checkpoint: str | None, hf_dir: str | None):
+    """(model, tokenizer, source description) from a gptkit checkpoint or a Hugging Face folder."""
+    if hf_dir:
+        require("safetensors", extra="train", purpose="gptkit export --hf")
+        from gpt_core.hf import load_hf_gpt2
+
+        model, tokenizer = load_hf_gpt2(hf_dir)
+        return model, tokenizer, f"hf:{hf_dir}"
+    from gpt_core.checkpoint import load_model, resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint)
+    model, tokenizer = load_model(resolved)
+    return model, tokenizer, str(resolved)
+
+
+def _abbreviate(names: list[str], signature: dict[str, str]) -> list[tuple[str, str]]:
+    """One line per plain input and one for all cache tensors (readable for 12-layer models)."""
+    rows = [(n, signature.get(n, "")) for n in names if "." not in n]
     cached = [n for n in names if "." in n]
     if cached:
-        layers = len(cached) // 2
-        stem = cached[0].split(".")[0]
-        plain.append(f"{stem}.{{0..{layers - 1}}}.key|value")
-    return plain
+        stem = cached[0].rsplit(".", 2)[0]
+        rows.append(
+            (f"{stem}.{{0..{len(cached) // 2 - 1}}}.key|value", signature.get(cached[0], ""))
+        )
+    return rows
