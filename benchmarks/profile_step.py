@@ -1,0 +1,214 @@
+"""Where one decode step of the gptkit runtime spends its time.
+
+    python benchmarks/profile_step.py                          # gpt2 fp32, cache of 16 and ~1000
+    python benchmarks/profile_step.py --shape tiny --precision int8
+    python benchmarks/profile_step.py path/to/model.onnx --positions 32 --steps 32
+
+Loads the model with ``runtime.load`` (onnxruntime profiling switched on), prefills a random prompt
+of P tokens, then greedily decodes --steps tokens through the runtime's own loop, and reports for
+the decode steps only (the prefill is left out):
+
+- the wall time of a step, split into the ONNX Runtime run, the rest of ``OnnxSession.step``
+  (IO binding, copying logits out) and the rest of the Python loop (sampling, mask, bookkeeping);
+- ONNX Runtime's kernel time by operator type, and the most expensive single nodes.
+
+Without a model path it uses (and if needed builds) the benchmark's artifacts for --shape, the
+same random-init weights and exports as benchmarks/decode.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import _common as common
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gptkit-bench"
+
+
+def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -> list[dict]:
+    """Profile ``steps`` decode steps after a random prompt of P tokens, for each P."""
+    import onnxruntime as ort
+
+    import runtime.model
+    import runtime.session
+    from runtime.sampling import SamplingConfig
+
+    # runtime.load builds its own SessionOptions; switch profiling on for the session it creates.
+    real_options = ort.SessionOptions
+
+    def profiling_options() -> ort.SessionOptions:
+        options = real_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "gptkit-step-profile")
+        return options
+
+    ort.SessionOptions = profiling_options
+    try:
+        model = runtime.model.load(path, threads=threads)
+    finally:
+        ort.SessionOptions = real_options
+    session = model._session
+    if positions is None:
+        positions = [16, model.block_size - steps - 2]
+
+    # Time OnnxSession.step (binding + run + logits) and the ORT run inside it, per call.
+    step_times: list[float] = []
+    run_times: list[float] = []
+    real_step = runtime.session.OnnxSession.step
+    real_run = session.session.run_with_iobinding
+
+    def timed_run(*args, **kwargs):
+        start = time.perf_counter()
+        result = real_run(*args, **kwargs)
+        run_times.append(time.perf_counter() - start)
+        return result
+
+    def timed_step(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = real_step(self, *args, **kwargs)
+        step_times.append(time.perf_counter() - start)
+        return result
+
+    session.session.run_with_iobinding = timed_run
+    runtime.session.OnnxSession.step = timed_step
+    rng = np.random.default_rng(7)
+    cfg = SamplingConfig(max_new_tokens=steps + 1, temperature=0.0, stop_at_eot=False)
+    walls = []
+    try:
+        for position in positions:
+            print(f"profiling {path.name} at cache length {position} ...", file=sys.stderr)
+            prompt = rng.integers(0, model.metadata.vocab_size - 1, size=position).tolist()
+            token_times = [
+                time.perf_counter() for _ in model._decode([prompt], cfg, "error", [False], False)
+            ]
+            walls.append(np.diff(token_times))  # token k -> k+1 spans exactly one decode step
+    finally:
+        runtime.session.OnnxSession.step = real_step
+    profile_file = session.session.end_profiling()
+    events = json.loads(Path(profile_file).read_text())
+    Path(profile_file).unlink()
+
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+        key=lambda e: e["ts"],
+    )
+    nodes = [
+        e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+    ]
+    per_call = steps + 1  # one prefill, then the decode steps
+    results = []
+    for k, position in enumerate(positions):
+        decode_runs = runs[k * per_call + 1 : (k + 1) * per_call]
+        first, last = decode_runs[0], decode_runs[-1]
+        window = (first["ts"], last["ts"] + last["dur"])
+        by_op: dict[str, float] = defaultdict(float)
+        count_op: dict[str, int] = defaultdict(int)
+        by_node: dict[str, float] = defaultdict(float)
+        for e in nodes:
+            if window[0] <= e["ts"] <= window[1]:
+                op = e["args"].get("op_name", "?")
+                by_op[op] += e["dur"]
+                count_op[op] += 1
+                by_node[f"{op} {e['name'].removesuffix('_kernel_time')}"] += e["dur"]
+        n = len(decode_runs)
+        calls = slice(k * per_call + 1, (k + 1) * per_call)
+        results.append(
+            {
+                "model": str(path),
+                "position": position,
+                "steps": n,
+                "wall_ms": float(np.median(walls[k])) * 1e3,
+                "session_step_ms": float(np.median(step_times[calls])) * 1e3,
+                "ort_run_ms": float(np.median(run_times[calls])) * 1e3,
+                "ort_model_run_ms": float(np.median([r["dur"] for r in decode_runs])) / 1e3,
+                "kernel_ms": sum(by_op.values()) / n / 1e3,
+                "ops": {op: (t / n / 1e3, count_op[op] // n) for op, t in by_op.items()},
+                "nodes": {name: t / n / 1e3 for name, t in by_node.items()},
+            }
+        )
+    return results
+
+
+def render(p: dict, top: int) -> str:
+    wall, kernels = p["wall_ms"], p["kernel_ms"]
+    lines = [
+        f"### Decode step at cache length ~{p['position']} ({p['steps']} steps profiled)",
+        "",
+        "| part of one step | ms | % of step |",
+        "|---|---:|---:|",
+    ]
+    parts = [
+        ("whole step (token to token, Python loop included)", wall),
+        ("  OnnxSession.step (IO binding + run + logits to numpy)", p["session_step_ms"]),
+        ("    session.run_with_iobinding", p["ort_run_ms"]),
+        ("      ORT model_run (profiler)", p["ort_model_run_ms"]),
+        ("        sum of kernel times", kernels),
+        ("      ORT framework overhead (model_run − kernels)", p["ort_model_run_ms"] - kernels),
+        ("    binding + logits copy (step − run)", p["session_step_ms"] - p["ort_run_ms"]),
+        (
+            "  Python loop outside the session (sampling, mask, bookkeeping)",
+            wall - p["session_step_ms"],
+        ),
+    ]
+    for name, ms in parts:
+        lines.append(f"| {name} | {ms:.3f} | {100 * ms / wall:.1f} |")
+    lines += [
+        "",
+        "| op type | nodes per step | ms per step | % of kernel time |",
+        "|---|---:|---:|---:|",
+    ]
+    for op, (ms, count) in sorted(p["ops"].items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {op} | {count} | {ms:.3f} | {100 * ms / kernels:.1f} |")
+    lines += [
+        "",
+        f"Top {top} nodes:",
+        "",
+        "| node | ms per step | % of kernel time |",
+        "|---|---:|---:|",
+    ]
+    for name, ms in sorted(p["nodes"].items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| `{name}` | {ms:.3f} | {100 * ms / kernels:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", type=Path, help="an exported .onnx (default: --shape)")
+    parser.add_argument("--shape", default="gpt2", help="benchmark shape when no model is given")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument(
+        "--positions", type=_csv_ints, help="cache lengths to profile (default 16 and near block)"
+    )
+    parser.add_argument("--steps", type=int, default=16, help="decode steps profiled per position")
+    parser.add_argument("--top", type=int, default=12, help="how many single nodes to list")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--out", type=Path, help="also write the markdown here")
+    args = parser.parse_args(argv)
+
+    path = args.model
+    if path is None:
+        manifest = common.prepare_artifacts(args.shape, args.work_dir)
+        path = Path(manifest["exports"][args.precision]["path"])
+    sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
+    for result in profile(path, args.positions, args.steps, common.THREADS):
+        sections.append(render(result, args.top))
+    text = "\n".join(sections)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
