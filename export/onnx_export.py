@@ -255,7 +255,7 @@ def trace(model: GPT, opset: int) -> onnx.ModelProto:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen shape: fail loudly
             torch.onnx.export(
-                CachedDecoder(traced),
+                CachedDecoder(traced).eval(),  # the exporter restores this wrapper's mode
                 (ids, mask, positions, *cache),
                 buffer,
                 input_names=names_in,
