@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gpt_core.config import GPTConfig
+from runtime.errors import ConfigError, GenerationError
 
 # One (key, value) pair per layer, each (B, nh, S, hs).
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -144,16 +145,23 @@ class GPT(nn.Module):
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         S = P + T
         if not _tracing():
-            if S > self.config.block_size:
-                raise ValueError(
-                    f"sequence of {S} tokens is longer than block_size {self.config.block_size}"
-                )
             if past_key_values is not None and len(past_key_values) != self.config.n_layer:
-                raise ValueError(
+                raise ConfigError(
                     f"past_key_values has {len(past_key_values)} layers, expected {self.config.n_layer}"
                 )
+            # Learned positions end at block_size - 1. With padding, positions count real tokens
+            # only, so the check is on the positions rather than on the cache length.
+            last_position = S - 1 if position_ids is None and attention_mask is None else None
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, T, P, input_ids.device)
+        if not _tracing():
+            if last_position is None:
+                last_position = int(position_ids.max())
+            if last_position >= self.config.block_size:
+                raise GenerationError(
+                    f"position {last_position} is past the context of block_size "
+                    f"{self.config.block_size} tokens; shorten the input"
+                )
 
         attn_bias = None
         if attention_mask is not None or past_key_values is not None:
