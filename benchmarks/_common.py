@@ -448,14 +448,14 @@ def _fallback_export(model, tokenizer, path: Path, precision: str) -> None:
     proto = onnx.load_from_string(buffer.getvalue())
     graph = proto.graph
     if precision == "fp32":  # replace the folded copy of wte^T by a Transpose of wte
+        inits = {i.name: i for i in graph.initializer}
         wte = next(i for i in graph.initializer if i.name.endswith("wte.weight"))
         for node in graph.node:
-            head = next((i for i in graph.initializer if i.name == node.input[-1]), None)
-            if node.op_type == "MatMul" and head is not None and list(head.dims) == wte.dims[::-1]:
+            head = inits.get(node.input[-1]) if node.op_type == "MatMul" else None
+            if head is not None and list(head.dims) == list(wte.dims)[::-1]:
                 graph.initializer.remove(head)
-                graph.node.insert(
-                    0, helper.make_node("Transpose", [wte.name], [head.name], perm=[1, 0])
-                )
+                transpose = helper.make_node("Transpose", [wte.name], [head.name], perm=[1, 0])
+                graph.node.insert(0, transpose)
                 break
     meta = ModelMetadata(
         config=cfg.to_dict(),
@@ -475,3 +475,17 @@ def _fallback_export(model, tokenizer, path: Path, precision: str) -> None:
             )
         return
     onnx.save(proto, path)
+
+
+def runtime_tokens(model, rows: list[list[int]], new_tokens: int):
+    """Greedy (row, token) pairs from the gptkit runtime's decoding loop, for token-id prompts.
+
+    ``Model.generate`` takes text and the benchmark feeds random ids, so this drives the loop that
+    generate() runs (``Model._decode``) directly: same prefill, cache steps and token choice.
+    """
+    from runtime.sampling import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
+    done = [False] * len(rows)
+    for row, token, *_ in model._decode(rows, cfg, "error", done, False):
+        yield row, token

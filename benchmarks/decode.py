@@ -22,7 +22,8 @@ Definitions: TTFT = prompt prefill plus choosing the first token; decode tok/s =
 first token (interpreter, imports, load, prefill; the model file is in the page cache); per-step
 latency at position P = median time of one decode step with a cache of about P tokens (batch 1);
 peak RSS = ru_maxrss of the system's process. Every figure is the median of --runs runs after one
-warm-up (the warm-up is the cold-start run). The floor is batch x measured read bandwidth / weight
+warm-up (the warm-up is the cold-start run); generations shorter than MIN_MEASURED_S in total are
+repeated more often (up to MAX_RUNS) so tiny's figures are not a handful of 50 ms samples. The floor is batch x measured read bandwidth / weight
 bytes one step must read (see _common.weight_bytes).
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +59,8 @@ SYSTEMS = {
 }
 REFERENCE = "torch"  # greedy tokens of every system are compared with this one's
 PROBE_NEW_TOKENS = 9  # a probe generates this many tokens and times steps 2..9
+MIN_MEASURED_S = 2.0  # repeat short generations until this much time has been measured ...
+MAX_RUNS = 30  # ... but at most this many times
 
 
 # ================================================================================================
@@ -109,22 +113,16 @@ class GptkitRuntime:
 
     def __init__(self, path: str, config: dict) -> None:
         import runtime.model
-        from runtime.sampling import SamplingConfig
 
         self.model = runtime.model.load(path, threads=common.THREADS)
-        self._sampling = SamplingConfig
-        # Model.generate() takes text; the benchmark feeds random ids, so it drives the same loop
-        # generate() runs (Model._decode: prefill, extend, choose_token) with ids directly.
         self.api = "runtime.load + Model._decode (the loop under generate)"
 
     def generate(self, prompt: np.ndarray, n: int) -> Run:
         rows = prompt.tolist()
-        cfg = self._sampling(max_new_tokens=n, temperature=0.0, stop_at_eot=False)
-        done = [False] * len(rows)
         out: list[list[int]] = [[] for _ in rows]
         last = len(rows) - 1
         stamps = _Stamps()
-        for row, token, _ in self.model._decode(rows, cfg, "error", done, False):
+        for row, token in common.runtime_tokens(self.model, rows, n):
             out[row].append(token)
             if row == last:
                 stamps.mark()
@@ -346,7 +344,10 @@ def worker(spec: dict) -> dict:
     }
     if spec.get("cold_only"):
         return result
-    runs = [runner.generate(prompt, common.NEW_TOKENS) for _ in range(spec["runs"])]
+    # Short runs (tiny) are repeated until about MIN_MEASURED_S of generation has been timed.
+    estimate = runner.generate(prompt, common.NEW_TOKENS).total
+    n_runs = min(MAX_RUNS, max(spec["runs"], math.ceil(MIN_MEASURED_S / max(estimate, 1e-3))))
+    runs = [runner.generate(prompt, common.NEW_TOKENS) for _ in range(n_runs)]
     ttft = common.median([r.ttft for r in runs])
     total = common.median([r.total for r in runs])
     decode = common.median([r.total - r.ttft for r in runs])
@@ -359,6 +360,7 @@ def worker(spec: dict) -> dict:
         tokens=runs[-1].tokens.tolist(),
         all_runs_equal=all(np.array_equal(r.tokens, runs[0].tokens) for r in runs),
         n_tokens=int(runs[-1].tokens.shape[1]),
+        runs=n_runs,
     )
     if spec.get("probe"):
         result["probe_ms"] = _probe(runner, config, spec.get("probe_repeats", 2))
