@@ -1,29 +1,43 @@
-"""`gptkit run`: generate text from an exported model with onnxruntime (no PyTorch needed)."""
+"""`gptkit run`: generate text from an exported model with onnxruntime (no PyTorch needed).
+
+Only the continuation goes to stdout, so the command composes in pipes; the statistics line and
+warnings go to stderr.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import click
 
 from runtime.errors import ConfigError, require
 
+DEFAULT_MAX_NEW_TOKENS = 200
+
 
 @click.command("run")
 @click.option(
     "--prompt",
     "-p",
-    help="Text to continue; '-' reads standard input. Without it: an interactive loop.",
+    help="Text to continue ('' starts a new document); '-' reads standard input. "
+    "Without --prompt: an interactive loop.",
 )
 @click.option(
     "--model",
     "-m",
     default="model.onnx",
     show_default=True,
-    type=click.Path(),
+    type=click.Path(dir_okay=False),
     help="Exported .onnx file.",
 )
-@click.option("--max-new-tokens", "-n", type=int, default=200, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    "-n",
+    type=int,
+    help=f"Tokens to generate [default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the context].",
+)
 @click.option(
     "--temperature", "-t", type=float, default=0.8, show_default=True, help="0 means greedy."
 )
@@ -46,11 +60,11 @@ from runtime.errors import ConfigError, require
 )
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, help="Make the output reproducible.")
-@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable).")
+@click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option(
     "--device", default="cpu", show_default=True, help="cpu, or cuda (needs onnxruntime-gpu)."
 )
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option(
     "--context",
     type=click.Choice(["error", "truncate"]),
@@ -62,7 +76,7 @@ from runtime.errors import ConfigError, require
 def run_command(
     prompt: str | None = None,
     model: str = "model.onnx",
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -77,15 +91,18 @@ def run_command(
 ) -> None:
     """Continue a prompt with an exported model, streaming the text to stdout.
 
-    Only the continuation goes to stdout (with --echo, the prompt first); statistics and warnings
-    go to stderr, so the command composes in pipes.
+    \b
+      gptkit run --prompt "ROMEO:" --seed 0
+      gptkit run -p "ROMEO:" -t 0 -n 50 --stop "\\n\\n"
+      echo "To be, or not" | gptkit run --prompt - --echo
+      gptkit run                      # interactive: one prompt per line
     """
     require("onnxruntime", extra=None, purpose="gptkit run")
     from runtime.model import load
     from runtime.sampling import SamplingConfig
 
-    sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens,
+    sampling = SamplingConfig(  # validates every value before the model is loaded
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -96,37 +113,69 @@ def run_command(
     )
     loaded = load(model, device=device, threads=threads)
     if prompt is None:
-        _interactive(loaded, sampling, context)
+        _interactive(loaded, sampling, context, explicit_n=max_new_tokens is not None)
         return
     if prompt == "-":
         prompt = _read_stdin()
-    _complete(loaded, prompt, sampling, context, echo)
+    if not _complete(loaded, prompt, sampling, context, echo, max_new_tokens is not None):
+        raise SystemExit(130)
 
 
-def _complete(model, prompt: str, sampling, context: str, echo: bool) -> None:
+def _complete(model, prompt: str, sampling, context: str, echo: bool, explicit_n: bool) -> bool:
+    """Stream one continuation to stdout; False when interrupted with Ctrl-C."""
+    import dataclasses
+
+    if not explicit_n and context == "error":
+        # The default is "200, or what fits": a small model's context must not make the plain
+        # `gptkit run` fail. An explicit --max-new-tokens that does not fit is an error.
+        room = model.block_size - max(1, len(model.tokenizer.encode(prompt)))
+        sampling = dataclasses.replace(
+            sampling, max_new_tokens=max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
+        )
     out = click.get_text_stream("stdout")
-    if echo:
-        out.write(prompt)
+    stream = model.stream(prompt, sampling, context=context)  # errors surface before any output
     started = time.perf_counter()
-    count = 0
+    first: float | None = None
+    interrupted = False
     try:
-        for piece in model.stream(prompt, sampling, context=context):
+        if echo:
+            out.write(prompt)
+            out.flush()
+        for piece in stream:
+            first = first or time.perf_counter()
             out.write(piece)
             out.flush()
-            count += 1
-    except KeyboardInterrupt:
         out.write("\n")
         out.flush()
-        click.echo("Interrupted.", err=True)
-        raise SystemExit(130) from None
-    out.write("\n")
-    out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        out.write("\n")
+        out.flush()
+    except BrokenPipeError:  # `gptkit run ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0) from None
+    _report(stream, started, first, interrupted)
+    return not interrupted
+
+
+def _report(stream, started: float, first: float | None, interrupted: bool) -> None:
+    """One stderr line: tokens, time, speed, time to the first text, why it ended."""
     elapsed = time.perf_counter() - started
-    click.echo(f"[{count} pieces in {elapsed:.2f} s, {model.device}]", err=True)
+    n = len(stream.token_ids)
+    reason = "interrupted" if interrupted else stream.result.finish_reason
+    ttft = f", first text after {1000 * (first - started):.0f} ms" if first else ""
+    rate = n / elapsed if elapsed > 0 else 0.0
+    click.echo(f"[{n} tokens in {elapsed:.2f} s, {rate:.1f} tok/s{ttft}; {reason}]", err=True)
 
 
-def _interactive(model, sampling, context: str) -> None:
-    click.echo(f"{model}. Type a prompt and press Enter; Ctrl-D to quit.", err=True)
+def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
+    """One prompt per line; a bad prompt prints its error and the loop goes on."""
+    from runtime.errors import GptkitError
+
+    click.echo(
+        f"{model}\nType a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", err=True
+    )
     while True:
         try:
             line = input("> ")
@@ -134,9 +183,9 @@ def _interactive(model, sampling, context: str) -> None:
             click.echo("", err=True)
             return
         try:
-            _complete(model, line, sampling, context, echo=False)
-        except SystemExit:
-            continue
+            _complete(model, line, sampling, context, echo=False, explicit_n=explicit_n)
+        except GptkitError as e:
+            click.echo(f"Error: {e}", err=True)
 
 
 def _read_stdin() -> str:

@@ -6,7 +6,7 @@
 >>> for piece in model.stream("ROMEO:", temperature=0): print(piece, end="")  # doctest: +SKIP
 
 One loaded Model serves any number of threads at once: every call keeps its state (tokens, cache,
-random generator) to itself, and ONNX Runtime sessions are thread-safe.
+random generators) to itself, and ONNX Runtime sessions are thread-safe.
 """
 
 from __future__ import annotations
@@ -16,23 +16,29 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
-from runtime.sampling import SamplingConfig, choose_token, log_softmax
+from runtime.generation import CONTEXT_MODES, Decoder, TextTracker, Token
+from runtime.metadata import LOGITS_ALL
+from runtime.sampling import SamplingConfig, log_softmax
 from runtime.session import OnnxSession
 from runtime.tokenizer import Tokenizer
 
-CONTEXT_MODES = ("error", "truncate")
+__all__ = ["CONTEXT_MODES", "GenerationResult", "Model", "ScoreResult", "Stream", "Token", "load"]
 
 
 @dataclass
 class GenerationResult:
+    """One prompt's continuation, with what an application may want besides the text."""
+
     text: str  # the continuation only (no prompt), cut before any stop string
-    token_ids: list[int]  # generated ids (including a final <|endoftext|>, if any)
+    token_ids: list[int]  # generated ids, including a final <|endoftext|> if there was one
     finish_reason: str  # "length", "eot" or "stop"
-    logprobs: list[float] | None = None  # model log-probability of each generated id, on request
+    prompt_tokens: int  # how many tokens the prompt encoded to
+    logprobs: list[float] | None = None  # log p of each generated id, with logprobs=True
 
 
 @dataclass
@@ -42,7 +48,8 @@ class ScoreResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-sum(self.logprobs) / len(self.logprobs)) if self.logprobs else float("nan")
+        """exp(mean negative log-likelihood); NaN for an empty text."""
+        return math.exp(-sum(self.logprobs) / len(self.logprobs)) if self.logprobs else math.nan
 
 
 def load(
@@ -53,11 +60,12 @@ def load(
     optimization: str = "all",
     allow_fallback: bool = False,
 ) -> Model:
-    """Load an exported gptkit model; everything (weights, config, tokenizer) comes from the file.
+    """Load an exported gptkit model; weights, config and tokenizer all come from the one file.
 
     device: "cpu", or "cuda" with onnxruntime-gpu installed (an error otherwise, unless
-    ``allow_fallback=True``, which runs on the CPU instead). threads: ONNX Runtime intra-op threads.
-    optimization: ONNX Runtime graph optimisation level: none, basic, extended or all.
+    ``allow_fallback=True``, which runs on the CPU instead). threads: ONNX Runtime intra-op
+    threads (default: one per core). optimization: ONNX Runtime graph optimisation level, one of
+    none, basic, extended, all.
     """
     return Model(
         OnnxSession(
@@ -71,18 +79,25 @@ def load(
 
 
 class Model:
-    """A loaded model. Use :func:`load` to make one."""
+    """A loaded model. Use :func:`load` to make one.
+
+    Generation options are :class:`SamplingConfig` fields, given as a ``SamplingConfig`` or as
+    keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+    ``repetition_penalty``, ``seed``, ``stop``, ``stop_at_eot``), keywords overriding. ``context``
+    is "error" (default: prompt + max_new_tokens over the context raises GenerationError) or
+    "truncate" (keep the most recent tokens; see :mod:`runtime.generation`).
+    """
 
     def __init__(self, session: OnnxSession) -> None:
         self._session = session
         self.metadata = session.metadata
         self.tokenizer: Tokenizer = session.metadata.tokenizer
-        self.config: dict = dict(session.metadata.config)
-        self.device = session.device
+        self.config: dict[str, Any] = dict(session.metadata.config)
+        self.device: str = session.device
 
     @property
     def block_size(self) -> int:
-        """The context length: prompt plus generated tokens can be at most this long."""
+        """The context length: prompt plus generated tokens fit in this many."""
         return self.metadata.block_size
 
     def __repr__(self) -> str:
@@ -92,62 +107,84 @@ class Model:
             f"context {c['block_size']}, vocab {self.tokenizer.n_vocab}, {self.device})"
         )
 
-    # ---- generation ---------------------------------------------------------------------------
+    # ---- text in, text out --------------------------------------------------------------------
 
+    @overload
+    def generate(
+        self, prompt: str, sampling: SamplingConfig | None = ..., *, context: str = ..., **options
+    ) -> str: ...
+    @overload
     def generate(
         self,
-        prompt: str | Sequence[str],
-        sampling: SamplingConfig | None = None,
+        prompt: Sequence[str],
+        sampling: SamplingConfig | None = ...,
         *,
-        context: str = "error",
+        context: str = ...,
         **options,
-    ) -> str | list[str]:
-        """The continuation of ``prompt`` (a list of prompts gives a list, generated as one batch).
+    ) -> list[str]: ...
+    def generate(self, prompt, sampling=None, *, context="error", **options):
+        """The continuation of ``prompt``; a list of prompts gives a list, generated as one batch.
 
-        Options are :class:`SamplingConfig` fields (``max_new_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``min_p``, ``repetition_penalty``, ``seed``, ``stop``, ``stop_at_eot``).
-        context: "error" (default) refuses prompt + max_new_tokens over the block size;
-        "truncate" keeps only the most recent tokens (re-prefilling, positions being absolute).
+        >>> model.generate("ROMEO:", max_new_tokens=20, temperature=0)   # doctest: +SKIP
         """
-        results = self.generate_results(prompt, sampling, context=context, **options)
-        texts = [r.text for r in results]
-        return texts[0] if isinstance(prompt, str) else texts
+        results = self.complete(prompt, sampling, context=context, **options)
+        if isinstance(results, GenerationResult):
+            return results.text
+        return [r.text for r in results]
 
-    def generate_results(
+    @overload
+    def complete(
         self,
-        prompt: str | Sequence[str],
-        sampling: SamplingConfig | None = None,
+        prompt: str,
+        sampling: SamplingConfig | None = ...,
         *,
-        context: str = "error",
-        logprobs: bool = False,
+        context: str = ...,
+        logprobs: bool = ...,
         **options,
-    ) -> list[GenerationResult]:
-        """Like :meth:`generate`, with token ids, finish reasons and (on request) log-probabilities."""
+    ) -> GenerationResult: ...
+    @overload
+    def complete(
+        self,
+        prompt: Sequence[str],
+        sampling: SamplingConfig | None = ...,
+        *,
+        context: str = ...,
+        logprobs: bool = ...,
+        **options,
+    ) -> list[GenerationResult]: ...
+    def complete(self, prompt, sampling=None, *, context="error", logprobs=False, **options):
+        """Like :meth:`generate`, as :class:`GenerationResult` (ids, finish reason, logprobs).
+
+        ``logprobs=True`` adds each generated token's log-probability under the model (before
+        temperature and the other processors).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             return []
         cfg = _sampling(sampling, options)
-        trackers = [_StopTracker(self.tokenizer, cfg) for _ in prompts]
-        done = [False] * len(prompts)
-        ids = [[] for _ in prompts]
+        decoder = self._decoder(prompts, cfg, context, logprobs)
+        trackers = [TextTracker(self.tokenizer, cfg) for _ in prompts]
         lps: list[list[float]] = [[] for _ in prompts]
-        for row, token, logprob in self._decode(
-            self._encode_prompts(prompts), cfg, context, done, logprobs
-        ):
-            ids[row].append(token)
-            if logprob is not None:
-                lps[row].append(logprob)
-            trackers[row].add(token)
-            done[row] = trackers[row].finished
-        return [
-            GenerationResult(
-                text=t.final_text(),
-                token_ids=i,
-                finish_reason=t.reason or "length",
-                logprobs=lp if logprobs else None,
+        for token in decoder:
+            tracker = trackers[token.row]
+            tracker.add(token.id)
+            if token.logprob is not None:
+                lps[token.row].append(token.logprob)
+            if tracker.finished:
+                decoder.stop(token.row)
+        results = []
+        for b, tracker in enumerate(trackers):
+            tracker.take_rest()
+            results.append(
+                GenerationResult(
+                    text=tracker.text,
+                    token_ids=decoder.tokens[b][decoder.prompt_lengths[b] :],
+                    finish_reason=tracker.reason or "length",
+                    prompt_tokens=decoder.prompt_lengths[b],
+                    logprobs=lps[b] if logprobs else None,
+                )
             )
-            for t, i, lp in zip(trackers, ids, lps, strict=True)
-        ]
+        return results[0] if isinstance(prompt, str) else results
 
     def stream(
         self,
@@ -155,202 +192,178 @@ class Model:
         sampling: SamplingConfig | None = None,
         *,
         context: str = "error",
+        logprobs: bool = False,
         **options,
-    ) -> Iterator[str]:
-        """Yield the continuation piece by piece, as soon as each piece is known to be final.
+    ) -> Stream:
+        """Yield the continuation piece by piece, as soon as each piece is final.
 
-        Pieces never split a UTF-8 character, and text that might be the start of a stop string
-        is held back until it is known not to be one.
+        A piece never splits a UTF-8 character, and text that might begin a stop string is held
+        back until it is known not to. Bad options and an over-long prompt raise here, before
+        iteration starts. After the loop, ``stream.result`` is the :class:`GenerationResult`.
+
+        >>> for piece in model.stream("ROMEO:", seed=0): print(piece, end="")  # doctest: +SKIP
         """
         if not isinstance(prompt, str):
             raise ConfigError("stream() takes one prompt string; use generate() for a batch")
         cfg = _sampling(sampling, options)
-        tracker = _StopTracker(self.tokenizer, cfg)
-        done = [False]
-        for _, token, _ in self._decode(self._encode_prompts([prompt]), cfg, context, done, False):
-            tracker.add(token)
-            done[0] = tracker.finished
+        decoder = self._decoder([prompt], cfg, context, logprobs)
+        return Stream(decoder, TextTracker(self.tokenizer, cfg), logprobs)
+
+    def score(self, text: str) -> ScoreResult:
+        """Per-token log-probabilities of ``text`` (each given everything before it), perplexity.
+
+        The first token is scored after <|endoftext|>, the way GPT-2 starts a document, so every
+        token of the text counts. The text must fit in the context.
+
+        >>> model.score("To be, or not to be").perplexity                      # doctest: +SKIP
+        """
+        if not isinstance(text, str):
+            raise ConfigError(f"score() takes a string, got {type(text).__name__}")
+        if self.metadata.logits != LOGITS_ALL:
+            raise GenerationError(
+                "this export returns logits for the last position only; score() needs every "
+                "position: re-export without the last-logits option"
+            )
+        ids = self.tokenizer.encode(text)
+        eot = self.tokenizer.eot_token
+        inputs = ([eot] + ids[:-1]) if eot >= 0 else ids[:-1]
+        targets = ids if eot >= 0 else ids[1:]
+        if not targets:
+            return ScoreResult(token_ids=ids)
+        if len(inputs) > self.block_size:
+            raise GenerationError(
+                f"text is {len(ids)} tokens but the model's context is {self.block_size}; "
+                "score a shorter text"
+            )
+        session = self._session
+        n = len(inputs)
+        logits, _ = session.run(
+            np.array([inputs]), np.ones((1, n)), np.arange(n)[None], session.empty_cache(1)
+        )
+        logp = log_softmax(logits[0, :, : self.tokenizer.n_vocab])  # [n, n_vocab]
+        picked = logp[np.arange(n), np.array(targets)]
+        return ScoreResult(token_ids=ids, logprobs=[float(x) for x in picked])
+
+    # ---- token ids in, token ids out ----------------------------------------------------------
+
+    def generate_tokens(
+        self,
+        prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+        sampling: SamplingConfig | None = None,
+        *,
+        context: str = "error",
+        logprobs: bool = False,
+        **options,
+    ) -> Iterator[Token]:
+        """The token-level loop under :meth:`generate`: ids in, :class:`Token` events out.
+
+        ``prompt_ids`` is one list of ids or a list of them (a batch). Rows stop at
+        <|endoftext|> (unless ``stop_at_eot=False``) and after ``max_new_tokens``; stop strings,
+        being text, are :meth:`generate`'s business.
+        """
+        rows = [list(prompt_ids)] if _is_id_list(prompt_ids) else [list(r) for r in prompt_ids]
+        cfg = _sampling(sampling, options)
+        return iter(
+            Decoder(
+                self._session,
+                rows,
+                cfg,
+                n_vocab=self.tokenizer.n_vocab,
+                eot_token=self.tokenizer.eot_token,
+                context=context,
+                logprobs=logprobs,
+            )
+        )
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _decoder(
+        self, prompts: list[str], cfg: SamplingConfig, context: str, logprobs: bool
+    ) -> Decoder:
+        rows = [self._encode_prompt(p) for p in prompts]
+        return Decoder(
+            self._session,
+            rows,
+            cfg,
+            n_vocab=self.tokenizer.n_vocab,
+            eot_token=self.tokenizer.eot_token,
+            context=context,
+            logprobs=logprobs,
+        )
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompts must be strings, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt)
+        if ids:
+            return ids
+        if self.tokenizer.eot_token < 0:  # an empty prompt starts a new document
+            raise GenerationError(
+                "empty prompt, and this tokenizer has no <|endoftext|> to start from"
+            )
+        return [self.tokenizer.eot_token]
+
+
+class Stream:
+    """Text pieces of one continuation, produced as the model generates them.
+
+    Iterate once. ``token_ids`` grows as tokens are generated (so an interrupted stream still
+    says how far it got); ``result`` is set when the iteration ends.
+    """
+
+    def __init__(self, decoder: Decoder, tracker: TextTracker, logprobs: bool) -> None:
+        self._decoder = decoder
+        self._tracker = tracker
+        self._logprobs = logprobs
+        self._pieces = self._run()
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self) -> Iterator[str]:
+        tracker = self._tracker
+        for token in self._decoder:
+            self.token_ids.append(token.id)
+            if token.logprob is not None:
+                self.logprobs.append(token.logprob)
+            tracker.add(token.id)
+            if tracker.finished:
+                self._decoder.stop(0)
             piece = tracker.take_ready()
             if piece:
                 yield piece
         rest = tracker.take_rest()
+        self.result = GenerationResult(
+            text=tracker.text,
+            token_ids=self.token_ids,
+            finish_reason=tracker.reason or "length",
+            prompt_tokens=self._decoder.prompt_lengths[0],
+            logprobs=self.logprobs if self._logprobs else None,
+        )
         if rest:
             yield rest
 
-    def score(self, text: str) -> ScoreResult:
-        """Per-token log-probabilities of ``text`` (each given everything before it) and perplexity.
 
-        The first token is scored after <|endoftext|>, the way GPT-2 starts a document.
-        """
-        ids = self.tokenizer.encode(text)
-        if not ids:
-            return ScoreResult(token_ids=[])
-        eot = self.tokenizer.eot_token
-        inputs = ([eot] + ids[:-1]) if eot >= 0 else ids[:-1]
-        targets = ids if eot >= 0 else ids[1:]
-        if len(inputs) > self.block_size:
-            raise GenerationError(
-                f"text is {len(inputs)} tokens but the model's context is {self.block_size}; "
-                "score a shorter text"
-            )
-        if not inputs:
-            return ScoreResult(token_ids=ids)
-        s = self._session
-        out = s.step(
-            np.array([inputs], dtype=np.int64),
-            np.ones((1, len(inputs)), dtype=np.int64),
-            np.arange(len(inputs), dtype=np.int64)[None],
-            s.empty_cache(1),
-        )
-        logp = log_softmax(out.logits[0, :, : self.tokenizer.n_vocab])
-        return ScoreResult(
-            token_ids=ids, logprobs=[float(logp[i, t]) for i, t in enumerate(targets)]
-        )
-
-    # ---- the decoding loop --------------------------------------------------------------------
-
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        rows = []
-        for p in prompts:
-            if not isinstance(p, str):
-                raise ConfigError(f"prompts must be strings, got {type(p).__name__}")
-            ids = self.tokenizer.encode(p)
-            if not ids:  # an empty prompt starts a new document
-                if self.tokenizer.eot_token < 0:
-                    raise GenerationError(
-                        "empty prompt, and this tokenizer has no <|endoftext|> to start from"
-                    )
-                ids = [self.tokenizer.eot_token]
-            rows.append(ids)
-        return rows
-
-    def _decode(
-        self,
-        prompts: list[list[int]],
-        cfg: SamplingConfig,
-        context: str,
-        done: list[bool],
-        want_logprobs: bool,
-    ) -> Iterator[tuple[int, int, float | None]]:
-        """Yield (row, token, logprob) as tokens are chosen; rows marked in ``done`` are skipped."""
-        if context not in CONTEXT_MODES:
-            raise ConfigError(f"unknown context mode {context!r}; choose error or truncate")
-        block = self.block_size
-        rows = [list(p) for p in prompts]
-        if context == "error":
-            longest = max(len(r) for r in rows)
-            if longest + cfg.max_new_tokens > block:
-                raise GenerationError(
-                    f"prompt of {longest} tokens + max_new_tokens {cfg.max_new_tokens} = "
-                    f"{longest + cfg.max_new_tokens} exceeds the model's context of {block} tokens; "
-                    "shorten the prompt, lower max_new_tokens, or use context='truncate' (--context truncate)"
-                )
-        else:
-            rows = [r[-(block - 1) :] for r in rows]
-        n_vocab = self.tokenizer.n_vocab
-        rng = np.random.default_rng(cfg.seed)
-        logits, past, mask = self._prefill(rows)
-        for step in range(cfg.max_new_tokens):
-            chosen = []
-            for b, row in enumerate(rows):
-                if done[b]:
-                    chosen.append(row[-1])
-                    continue
-                token = choose_token(logits[b], cfg, rng, n_vocab=n_vocab, context=row)
-                logprob = float(log_softmax(logits[b, :n_vocab])[token]) if want_logprobs else None
-                row.append(token)
-                chosen.append(token)
-                yield b, token, logprob
-            if all(done) or step == cfg.max_new_tokens - 1:
-                return
-            if int(mask.sum(axis=1).max()) >= block:  # truncate mode only: rebuild a recent window
-                logits, past, mask = self._prefill([r[-(block // 2) :] for r in rows])
-            else:
-                logits, past, mask = self._extend(chosen, past, mask)
-
-    def _prefill(self, rows: list[list[int]]):
-        width = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row) :] = row  # left padding
-            mask[b, width - len(row) :] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        out = self._session.step(ids, mask, positions, self._session.empty_cache(len(rows)))
-        return out.logits[:, -1, :], out.presents, mask
-
-    def _extend(self, tokens: list[int], past, mask: np.ndarray):
-        mask = np.concatenate([mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-        positions = mask.sum(axis=1, keepdims=True) - 1
-        out = self._session.step(np.array(tokens, dtype=np.int64)[:, None], mask, positions, past)
-        return out.logits[:, -1, :], out.presents, mask
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) for v in value)
 
 
-class _StopTracker:
-    """Decodes one row's tokens, finds stop strings and <|endoftext|>, and releases safe text."""
-
-    def __init__(self, tokenizer: Tokenizer, cfg: SamplingConfig) -> None:
-        self._decoder = tokenizer.stream_decoder()
-        self._eot = tokenizer.eot_token if cfg.stop_at_eot else None
-        self._stops = cfg.stop
-        self._hold = max((len(s) for s in cfg.stop), default=1) - 1
-        self.text = ""  # decoded so far (cut at a stop string once found)
-        self.released = 0  # how much of text has been handed out by take_ready
-        self.reason: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.reason is not None
-
-    def add(self, token: int) -> None:
-        if self.finished:
-            return
-        if token == self._eot:
-            self.text += self._decoder.flush()
-            self.reason = "eot"
-            return
-        self.text += self._decoder.add(token)
-        if self._stops:
-            start = max(0, self.released - self._hold)
-            hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.reason = "stop"
-
-    def take_ready(self) -> str:
-        """Text that can no longer become part of a stop string."""
-        end = len(self.text) if self.finished else self._safe_end()
-        piece = self.text[self.released : end]
-        self.released = max(self.released, end)
-        return piece
-
-    def take_rest(self) -> str:
-        if not self.finished:
-            self.text += self._decoder.flush()
-        piece = self.text[self.released :]
-        self.released = len(self.text)
-        return piece
-
-    def final_text(self) -> str:
-        self.take_rest()
-        return self.text
-
-    def _safe_end(self) -> int:
-        for keep in range(min(self._hold, len(self.text)), 0, -1):
-            tail = self.text[-keep:]
-            if any(s.startswith(tail) for s in self._stops):
-                return len(self.text) - keep
-        return len(self.text)
-
-
-def _sampling(sampling: SamplingConfig | None, options: dict) -> SamplingConfig:
+def _sampling(sampling: SamplingConfig | None, options: dict[str, Any]) -> SamplingConfig:
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     base = sampling or SamplingConfig()
     if not options:
         return base
     valid = {f.name for f in dataclasses.fields(SamplingConfig)}
-    unknown = set(options) - valid
+    unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(
-            f"unknown generation option(s): {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}"
+            f"unknown generation option {unknown[0]!r}; valid: {', '.join(sorted(valid))}"
         )
     return dataclasses.replace(base, **options)

@@ -1,15 +1,21 @@
 """Choosing the next token from logits, in numpy.
 
-The processors run in this order (Hugging Face's order, with repetition penalty first):
+The processors run in this order (Hugging Face's order: penalties, then temperature, then the
+truncation warpers; llama.cpp applies temperature last instead):
 
-1. ids the tokenizer cannot decode are masked (a padded vocabulary never leaks out);
-2. repetition penalty: logits of tokens already in the context are divided by the penalty when
-   positive and multiplied when negative (CTRL, Keskar et al. 2019);
-3. temperature: logits / temperature; temperature 0 means greedy (argmax), as in llama.cpp;
-4. top-k: keep the k most likely tokens;
-5. top-p (nucleus): keep the smallest set whose probability reaches p;
+1. ids the tokenizer cannot decode are masked (a padded vocabulary never leaks out: pitfall 6),
+   NaN logits count as -inf, and +inf logits share all the probability among themselves;
+2. repetition penalty: logits of tokens already in the row (prompt and generated) are divided by
+   the penalty when positive and multiplied by it when negative (CTRL, Keskar et al. 2019);
+3. temperature: logits / temperature; temperature 0 means greedy (argmax), as in llama.cpp, and
+   skips steps 4-7;
+4. top-k: keep the k most likely tokens (ties with the k-th are kept);
+5. top-p (nucleus): keep the smallest set of most likely tokens whose probability reaches p;
 6. min-p: keep tokens whose probability is at least min_p times the most likely one's;
-7. sample from what is left with the seeded generator.
+7. sample from what is left by inverse CDF with one uniform draw from the seeded generator.
+
+Whatever the logits (NaN, +-inf) and whatever valid settings, the chosen id is in [0, n_vocab)
+and is never one that a step above removed (tests/test_sampling.py checks this with hypothesis).
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from runtime.errors import ConfigError
 class SamplingConfig:
     """How to generate; shared by the CLI and the API so both have the same defaults."""
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy
+    max_new_tokens: int = 200  # prompt + max_new_tokens must fit the context unless truncating
+    temperature: float = 0.8  # llama.cpp's default; 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
@@ -38,10 +44,14 @@ class SamplingConfig:
     stop_at_eot: bool = True  # stop at <|endoftext|>
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif not isinstance(stop, (tuple, list, set, frozenset)):
+            raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_int("top_k", self.top_k, minimum=0)
         _check_number("temperature", self.temperature)
@@ -62,6 +72,8 @@ class SamplingConfig:
             _check_int("seed", self.seed, minimum=0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
+        if not isinstance(self.stop_at_eot, bool):
+            raise ConfigError(f"stop_at_eot must be True or False, got {self.stop_at_eot!r}")
 
     @property
     def greedy(self) -> bool:
@@ -75,25 +87,24 @@ def process_logits(
     n_vocab: int,
     context: Sequence[int] = (),
 ) -> np.ndarray:
-    """Steps 1-6 above on one row of logits; returns float64 logits with -inf for removed ids."""
+    """Steps 1-6 above on one row of logits; returns float64 scores with -inf for removed ids."""
     scores = np.array(logits, dtype=np.float64).reshape(-1)
     scores[n_vocab:] = -np.inf
     scores[np.isnan(scores)] = -np.inf
-    if np.isposinf(scores).any():  # infinitely likely tokens: a uniform choice among them
-        scores = np.where(np.isposinf(scores), 0.0, -np.inf)
     if config.repetition_penalty != 1.0 and len(context):
         seen = np.unique(np.asarray(context, dtype=np.int64))
-        seen = seen[seen < n_vocab]
+        seen = seen[(seen >= 0) & (seen < n_vocab)]
         values = scores[seen]
         scores[seen] = np.where(
             values > 0, values / config.repetition_penalty, values * config.repetition_penalty
         )
     if config.greedy:
-        return scores
-    scores = scores / config.temperature
+        return _collapse_posinf(scores)
+    with np.errstate(over="ignore"):  # a tiny temperature may overflow to inf: handled next
+        scores = _collapse_posinf(scores / config.temperature)
     if config.top_k and config.top_k < n_vocab:
         kth = np.partition(scores, -config.top_k)[-config.top_k]
-        scores[scores < kth] = -np.inf
+        scores[scores < kth] = -np.inf  # ties with the k-th score are kept
     if config.top_p < 1.0 or config.min_p > 0.0:
         probs = softmax(scores)
         if config.top_p < 1.0:
@@ -109,6 +120,13 @@ def process_logits(
     return scores
 
 
+def _collapse_posinf(scores: np.ndarray) -> np.ndarray:
+    """Infinitely likely ids share all the probability: 0 for them, -inf for every other id."""
+    if np.isposinf(scores).any():
+        return np.where(np.isposinf(scores), 0.0, -np.inf)
+    return scores
+
+
 def choose_token(
     logits: np.ndarray,
     config: SamplingConfig,
@@ -117,25 +135,36 @@ def choose_token(
     n_vocab: int,
     context: Sequence[int] = (),
 ) -> int:
-    """The next token id: always in [0, n_vocab), even for logits that are all -inf or NaN."""
+    """The next token id: always in [0, n_vocab), even for logits that are all -inf or NaN.
+
+    Draws exactly one uniform number per sampled token (none when greedy), so a seeded generator
+    gives the same tokens whatever else runs in the process.
+    """
     scores = process_logits(logits, config, n_vocab=n_vocab, context=context)
     if not np.isfinite(scores).any():
-        # Nothing survived (all -inf/NaN logits): fall back to the raw argmax over valid ids.
-        raw = np.nan_to_num(np.asarray(logits, dtype=np.float64).reshape(-1)[:n_vocab], nan=-np.inf)
+        # Nothing survived (every valid logit -inf or NaN): the best raw valid id, else 0.
+        raw = np.asarray(logits, dtype=np.float64).reshape(-1)[:n_vocab]
+        raw = np.where(np.isnan(raw), -np.inf, raw)
         return int(np.argmax(raw)) if raw.size else 0
     if config.greedy:
         return int(np.argmax(scores))
-    probs = softmax(scores)
-    return int(rng.choice(probs.size, p=probs))
+    cumulative = np.cumsum(softmax(scores))
+    # Inverse-CDF sampling: the first id whose cumulative probability exceeds u. An id with
+    # probability 0 never has a cumulative value above its predecessor's, so it is never chosen.
+    token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    if token >= cumulative.size:  # u * total rounded up to total: take the last possible id
+        token = int(np.flatnonzero(np.isfinite(scores))[-1])
+    return token
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax over the last axis (float64)."""
+    """Numerically stable log-softmax over the last axis (float64); -inf stays -inf."""
     x = np.asarray(logits, dtype=np.float64)
     peak = np.max(x, axis=-1, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0.0)
     shifted = x - peak
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

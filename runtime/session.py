@@ -1,8 +1,14 @@
 """One ONNX Runtime session over a gptkit export, and a KV cache that stays inside ONNX Runtime.
 
-Each decode step binds the previous step's ``present.*`` outputs (OrtValues) directly as the next
-step's ``past_key_values.*`` inputs through IO binding, so the cache is never copied into numpy
-arrays between steps; on CUDA it stays on the GPU. Only the logits come back to numpy.
+A gptkit export is one graph for prefill and decode (ANCHORS pitfalls 2-4): it takes
+``input_ids`` [B, T], ``attention_mask`` [B, P+T], ``position_ids`` [B, T] and the past
+``past_key_values.{i}.key|value`` [B, n_head, P, head_dim] (P = 0 on the first step), and returns
+``logits`` [B, T, V] and ``present.{i}.key|value`` [B, n_head, P+T, head_dim].
+
+With IO binding (the default) each step binds the previous step's ``present.*`` outputs, which are
+OrtValues, directly as the next step's ``past_key_values.*`` inputs: the cache is never copied into
+numpy between steps, and on CUDA it stays on the GPU. Only the logits come back to numpy. The plain
+``InferenceSession.run`` path (``io_binding=False``) is kept for comparison and debugging.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,16 +31,27 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+_KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-@dataclass
-class StepOutput:
-    logits: np.ndarray  # (B, T, V) float32
-    presents: list  # OrtValues, fed back as the next step's past
+@dataclass(frozen=True)
+class KVCache:
+    """The past for the next step: per layer a key and a value [B, n_head, length, head_dim].
+
+    ``values`` are OrtValues (IO binding) or numpy arrays (plain runs, and the empty first past).
+    A cache belongs to one generation call; it is never shared between threads.
+    """
+
+    values: tuple[Any, ...]
+    length: int
 
 
 class OnnxSession:
-    """An InferenceSession plus what the metadata says about the model. Safe to share across threads."""
+    """An InferenceSession plus what the file's metadata says. Safe to share across threads.
+
+    ``run`` keeps no state between calls (ONNX Runtime's ``Run`` is thread-safe and every call
+    gets its own IO binding), so any number of threads can generate through one session.
+    """
 
     def __init__(
         self,
@@ -43,99 +61,135 @@ class OnnxSession:
         threads: int | None = None,
         optimization: str = "all",
         allow_fallback: bool = False,
+        io_binding: bool = True,
     ) -> None:
         path = Path(path)
-        if device not in DEVICES:
-            raise ConfigError(f"unknown device {device!r}; choose cpu or cuda")
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise ConfigError(
-                f"unknown optimization level {optimization!r}; choose {', '.join(OPTIMIZATION_LEVELS)}"
-            )
-        if threads is not None and threads <= 0:
-            raise ConfigError(f"threads must be positive, got {threads}")
-        if not path.exists():
-            raise ModelFileError(
-                f"model file {path} not found; export one with `gptkit export {path}`"
-            )
-        if not path.is_file():
-            raise ModelFileError(f"{path} is not a file; pass the path of an exported .onnx model")
-        if path.stat().st_size == 0:
-            raise ModelFileError(f"{path} is empty (0 bytes); re-export it with `gptkit export`")
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                if not allow_fallback:
-                    raise ConfigError(
-                        "device cuda needs onnxruntime-gpu (this onnxruntime has no CUDA provider); "
-                        "install it with: pip uninstall onnxruntime && pip install onnxruntime-gpu"
-                    )
-            else:
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        _check_options(device, threads, optimization)
+        _check_file(path)
+        providers = _providers(device, allow_fallback)
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
+        options.log_severity_level = 3  # errors only: unused-initializer warnings are noise here
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             raise ModelFileError(f"{path} is not a readable ONNX model ({reason})") from None
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            if not allow_fallback:  # NB: ONNX Runtime itself falls back to CPU with only a warning
+                raise ConfigError(
+                    "device cuda: onnxruntime-gpu is installed but its CUDA provider failed to "
+                    "load (check the CUDA and cuDNN libraries), or pass --device cpu"
+                )
         self.path = path
-        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = ModelMetadata.from_props(props, source=str(path))
-        self._check_io()
-        past_type = self.session.get_inputs()[self._input_index["past_key_values.0.key"]].type
-        self.kv_dtype = np.float16 if "float16" in past_type else np.float32
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.present_names = self.output_names[1:]
-        self.past_names = [n.replace("present", "past_key_values", 1) for n in self.present_names]
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.io_binding = io_binding
+        self.metadata = ModelMetadata.from_props(
+            self.session.get_modelmeta().custom_metadata_map, source=str(path)
+        )
+        self.past_names, self.present_names = self._check_io()
+        past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
+        if past_type not in _KV_DTYPES:
+            raise ModelFileError(f"{path}: unsupported KV-cache type {past_type}; re-export it")
+        self.kv_dtype = _KV_DTYPES[past_type]
+        self._output_names = ["logits", *self.present_names]
 
-    def _check_io(self) -> None:
-        names = [i.name for i in self.session.get_inputs()]
-        self._input_index = {n: i for i, n in enumerate(names)}
-        n_layer = self.metadata.n_layer
-        expected = {"input_ids", "attention_mask", "position_ids"} | {
-            f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")
-        }
-        missing = expected - set(names)
-        outputs = [o.name for o in self.session.get_outputs()]
-        if missing or not outputs or outputs[0] != "logits":
+    def _check_io(self) -> tuple[list[str], list[str]]:
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        layers = range(self.metadata.n_layer)
+        past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
+        missing = sorted({"input_ids", "attention_mask", "position_ids", *past} - inputs)
+        missing += sorted({"logits", *present} - outputs)
+        if missing:
             raise ModelFileError(
-                f"{self.path} does not have gptkit's inputs and outputs "
-                f"(missing {sorted(missing)[:3]}); re-export it with `gptkit export`"
+                f"{self.path} lacks gptkit's inputs/outputs ({', '.join(missing[:3])}); "
+                "re-export it with `gptkit export`"
             )
+        return past, present
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        """Zero-length past tensors for the prompt step."""
+    def empty_cache(self, batch: int) -> KVCache:
+        """Zero-length past tensors for the prompt step (zeros, never np.empty: pitfall 4)."""
         m = self.metadata
-        shape = (batch, m.n_head, 0, m.head_dim)
-        return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        empty = np.zeros((batch, m.n_head, 0, m.head_dim), dtype=self.kv_dtype)
+        return KVCache(values=tuple(empty for _ in self.past_names), length=0)
 
-    def step(
+    def run(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        past: list,
-    ) -> StepOutput:
-        """Run one forward; ``past`` holds numpy arrays (first step) or the last step's OrtValues."""
+        cache: KVCache,
+    ) -> tuple[np.ndarray, KVCache]:
+        """One forward pass: logits [B, T, V] as numpy, and the cache grown by T positions."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+        length = cache.length + input_ids.shape[1]
+        if attention_mask.shape != (input_ids.shape[0], length):
+            raise ValueError(  # a bug in the caller, not a user mistake
+                f"attention_mask {attention_mask.shape} != (batch, past + new) "
+                f"({input_ids.shape[0]}, {length})"
+            )
+        if not self.io_binding:
+            feeds = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                **dict(zip(self.past_names, cache.values, strict=True)),
+            }
+            logits, *presents = self.session.run(self._output_names, feeds)
+            return logits, KVCache(tuple(presents), length)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(
-            "attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64)
-        )
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(self.past_names, past, strict=True):
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", position_ids)
+        for name, value in zip(self.past_names, cache.values, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device)  # stays where it was computed
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return StepOutput(logits=outputs[0].numpy(), presents=list(outputs[1:]))
+        logits, *presents = binding.get_outputs()
+        return logits.numpy(), KVCache(tuple(presents), length)
+
+
+def _check_options(device: str, threads: int | None, optimization: str) -> None:
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose cpu or cuda")
+    if optimization not in OPTIMIZATION_LEVELS:
+        choices = ", ".join(OPTIMIZATION_LEVELS)
+        raise ConfigError(f"unknown optimization level {optimization!r}; choose {choices}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+        raise ConfigError(f"threads must be an integer, got {threads!r}")
+    if threads is not None and threads <= 0:
+        raise ConfigError(f"threads must be positive, got {threads}")
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelFileError(f"model file {path} not found; export one with `gptkit export {path}`")
+    if not path.is_file():
+        raise ModelFileError(f"{path} is not a file; pass the path of an exported .onnx model")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes); re-export it with `gptkit export`")
+
+
+def _providers(device: str, allow_fallback: bool) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if allow_fallback:
+        return ["CPUExecutionProvider"]
+    raise ConfigError(
+        "device cuda needs onnxruntime-gpu (this onnxruntime has no CUDA provider); install it "
+        "with: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+    )
