@@ -209,22 +209,29 @@ class Model:
         decoder = self._decoder([prompt], cfg, context, logprobs)
         return Stream(decoder, TextTracker(self.tokenizer, cfg), logprobs)
 
-    def score(self, text: str) -> ScoreResult:
+    def score(self, text: str | Sequence[int]) -> ScoreResult:
         """Per-token log-probabilities of ``text`` (each given everything before it), perplexity.
 
-        The first token is scored after <|endoftext|>, the way GPT-2 starts a document, so every
-        token of the text counts. The text must fit in the context.
+        ``text`` is a string or a list of token ids. The first token is scored after
+        <|endoftext|>, the way GPT-2 starts a document, so every token counts. It must fit in
+        the context.
 
         >>> model.score("To be, or not to be").perplexity                      # doctest: +SKIP
         """
-        if not isinstance(text, str):
-            raise ConfigError(f"score() takes a string, got {type(text).__name__}")
+        if isinstance(text, str):
+            ids = self.tokenizer.encode(text)
+        elif _is_id_list(text):
+            ids = [int(t) for t in text]
+            bad = [t for t in ids if not 0 <= t < self.tokenizer.n_vocab]
+            if bad:
+                raise ConfigError(f"token id {bad[0]} is outside 0..{self.tokenizer.n_vocab - 1}")
+        else:
+            raise ConfigError(f"score() takes a string or token ids, got {type(text).__name__}")
         if self.metadata.logits != LOGITS_ALL:
             raise GenerationError(
                 "this export returns logits for the last position only; score() needs every "
                 "position: re-export without the last-logits option"
             )
-        ids = self.tokenizer.encode(text)
         eot = self.tokenizer.eot_token
         inputs = ([eot] + ids[:-1]) if eot >= 0 else ids[:-1]
         targets = ids if eot >= 0 else ids[1:]
@@ -261,7 +268,12 @@ class Model:
         <|endoftext|> (unless ``stop_at_eot=False``) and after ``max_new_tokens``; stop strings,
         being text, are :meth:`generate`'s business.
         """
-        rows = [list(prompt_ids)] if _is_id_list(prompt_ids) else [list(r) for r in prompt_ids]
+        if _is_id_list(prompt_ids):
+            rows = [[int(t) for t in prompt_ids]]
+        elif isinstance(prompt_ids, Sequence) and all(_is_id_list(r) for r in prompt_ids):
+            rows = [[int(t) for t in r] for r in prompt_ids]
+        else:
+            raise ConfigError("prompt_ids must be a list of token ids or a list of such lists")
         cfg = _sampling(sampling, options)
         return iter(
             Decoder(
@@ -351,7 +363,11 @@ class Stream:
 
 
 def _is_id_list(value: object) -> bool:
-    return isinstance(value, Sequence) and all(isinstance(v, (int, np.integer)) for v in value)
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _sampling(sampling: SamplingConfig | None, options: dict[str, Any]) -> SamplingConfig:

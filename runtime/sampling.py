@@ -163,13 +163,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     peak = np.max(x, axis=-1, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0.0)
     shifted = x - peak
-    with np.errstate(divide="ignore"):
-        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    return np.where(np.isneginf(x), -np.inf, out)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
+    """Probabilities of one row of scores; all zeros when every score is -inf."""
     peak = np.max(scores)
-    exp = np.exp(scores - (peak if math.isfinite(peak) else 0.0))
+    if math.isinf(peak):
+        hits = (scores == peak) if peak > 0 else np.zeros(scores.shape, dtype=bool)
+        return hits / max(1, int(hits.sum()))
+    exp = np.exp(scores - peak)
     return exp / exp.sum()
 
 
