@@ -258,3 +258,32 @@ def test_successful_export_replaces_the_old_file(model, bpe_tokenizer, tmp_path)
     onnx.checker.check_model(onnx.load(path))
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_exporter_failures_become_one_line_errors(
+    model, bpe_tokenizer, tmp_path, monkeypatch
+) -> None:
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::foo' is not supported.\nstack ...")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(ExportError, match="failed at opset 17: Exporting the operator") as error:
+        export_onnx(model, bpe_tokenizer, tmp_path / "m.onnx")
+    assert "\n" not in str(error.value)
+
+
+def test_a_frozen_shape_is_an_error_not_a_warning(
+    model, bpe_tokenizer, tmp_path, monkeypatch
+) -> None:
+    """A TracerWarning means the graph would only work at the traced sizes: refuse it."""
+    import warnings
+
+    def frozen(*args, **kwargs):
+        warnings.warn(
+            "Converting a tensor to a Python integer", torch.jit.TracerWarning, stacklevel=1
+        )
+
+    monkeypatch.setattr(torch.onnx, "export", frozen)
+    with pytest.raises(ExportError, match="froze a dynamic value"):
+        export_onnx(model, bpe_tokenizer, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
