@@ -25,6 +25,7 @@ import copy
 import datetime as _dt
 import io
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,8 +136,6 @@ def export_onnx(
     The caller's model is not modified (a non-fp32 or non-CPU model is copied first, and the
     training/eval mode is restored afterwards).
     """
-    import time
-
     start = time.perf_counter()
     options = options or ExportOptions()
     options.validate()
