@@ -132,7 +132,7 @@ def _complete(model, prompt: str, sampling, context: str, echo: bool, explicit_n
         sampling = dataclasses.replace(
             sampling, max_new_tokens=max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
         )
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     stream = model.stream(prompt, sampling, context=context)  # errors surface before any output
     started = time.perf_counter()
     first: float | None = None
@@ -177,8 +177,9 @@ def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
         f"{model}\nType a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", err=True
     )
     while True:
+        click.echo("> ", nl=False, err=True)  # stdout carries continuations only
         try:
-            line = input("> ")
+            line = input()
         except (EOFError, KeyboardInterrupt):
             click.echo("", err=True)
             return
@@ -189,7 +190,7 @@ def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
 
 
 def _read_stdin() -> str:
-    data = click.get_binary_stream("stdin").read()
+    data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
