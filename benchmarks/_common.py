@@ -478,14 +478,13 @@ def _fallback_export(model, tokenizer, path: Path, precision: str) -> None:
 
 
 def runtime_tokens(model, rows: list[list[int]], new_tokens: int):
-    """Greedy (row, token) pairs from the gptkit runtime's decoding loop, for token-id prompts.
+    """Greedy (row, token) pairs from a gptkit ``runtime.Model``, for token-id prompts.
 
-    ``Model.generate`` takes text and the benchmark feeds random ids, so this drives the loop that
-    generate() runs (``Model._decode``) directly: same prefill, cache steps and token choice.
+    ``Model.generate_tokens`` is the token-level loop under ``Model.generate`` (which takes text;
+    the benchmark feeds random ids): the same prefill, cache steps and token choice.
     """
-    from runtime.sampling import SamplingConfig
-
-    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False)
-    done = [False] * len(rows)
-    for row, token, *_ in model._decode(rows, cfg, "error", done, False):
-        yield row, token
+    stream = model.generate_tokens(
+        rows, max_new_tokens=new_tokens, temperature=0.0, stop_at_eot=False
+    )
+    for token in stream:
+        yield token.row, token.id

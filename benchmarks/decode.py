@@ -11,7 +11,7 @@ random-init (torch seed 0); decode speed does not depend on the values.
 
 Every system runs in its own fresh subprocess, so its peak RSS and cold start are its own:
 
-    gptkit, gptkit-int8   runtime.load(file, threads=2) and its decoding loop (fp32 / int8 export)
+    gptkit, gptkit-int8   runtime.load(file, threads=2), Model.generate_tokens (fp32 / int8 export)
     ortloop               a plain numpy + onnxruntime loop over the fp32 export (what the runtime adds)
     torch                 gpt_core.model.GPT, eager, with its KV cache (past_key_values)
     hf                    transformers GPT2LMHeadModel.generate(use_cache=True), same weights
@@ -115,7 +115,7 @@ class GptkitRuntime:
         import runtime.model
 
         self.model = runtime.model.load(path, threads=common.THREADS)
-        self.api = "runtime.load + Model._decode (the loop under generate)"
+        self.api = "runtime.load + Model.generate_tokens (the loop under generate)"
 
     def generate(self, prompt: np.ndarray, n: int) -> Run:
         rows = prompt.tolist()
@@ -345,8 +345,7 @@ def worker(spec: dict) -> dict:
     if spec.get("cold_only"):
         return result
     # Short runs (tiny) are repeated until about MIN_MEASURED_S of generation has been timed.
-    estimate = runner.generate(prompt, common.NEW_TOKENS).total
-    n_runs = min(MAX_RUNS, max(spec["runs"], math.ceil(MIN_MEASURED_S / max(estimate, 1e-3))))
+    n_runs = min(MAX_RUNS, max(spec["runs"], math.ceil(MIN_MEASURED_S / max(cold.total, 1e-3))))
     runs = [runner.generate(prompt, common.NEW_TOKENS) for _ in range(n_runs)]
     ttft = common.median([r.ttft for r in runs])
     total = common.median([r.total for r in runs])
