@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ PROMPT_SEED = 1234  # numpy.random.default_rng seed for the prompt ids
 # tiny (64) and small-cpu (128) have contexts shorter than the 32 + 128 tokens of the workload; the
 # benchmark builds them with this block size instead (only the position table grows).
 MIN_BLOCK_SIZE = 256
+DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gptkit-bench"  # weights and exports, reused
 
 
 # ---- the workload ------------------------------------------------------------------------------
@@ -395,7 +397,6 @@ def _fallback_export(model, tokenizer, path: Path, precision: str) -> None:
     transposed head as its own initializer and quantises every MatMul weight (dynamic, QInt8).
     """
     import io
-    import tempfile
 
     import onnx
     import torch

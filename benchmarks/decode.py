@@ -21,10 +21,10 @@ Definitions: TTFT = prompt prefill plus choosing the first token; decode tok/s =
 (total - TTFT); step ms = (total - TTFT) / 127; cold start = from spawning a new process to the
 first token (interpreter, imports, load, prefill; the model file is in the page cache); per-step
 latency at position P = median time of one decode step with a cache of about P tokens (batch 1);
-peak RSS = ru_maxrss of the system's process. Every figure is the median of --runs runs after one
-warm-up (the warm-up is the cold-start run); generations shorter than MIN_MEASURED_S in total are
-repeated more often (up to MAX_RUNS) so tiny's figures are not a handful of 50 ms samples. The floor is batch x measured read bandwidth / weight
-bytes one step must read (see _common.weight_bytes).
+peak RSS = VmHWM of the system's process. Every figure is the median of --runs generations after
+one warm-up (the warm-up is the cold-start run); generations shorter than MIN_MEASURED_S are
+repeated more often (up to MAX_RUNS), so tiny's figures are not a handful of 50 ms samples. The
+floor is batch x measured read bandwidth / weight bytes one step reads (_common.weight_bytes).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import _common as common
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_WORK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "gptkit-bench"
 GENAI_VENV_PYTHON = HERE / ".venv-genai" / "bin" / "python"
 
 # system -> (label, precision of the file it runs); the order is the order of the runs and rows.
@@ -875,8 +874,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--work-dir",
         type=Path,
-        default=DEFAULT_WORK_DIR,
-        help=f"weights and exports (default {DEFAULT_WORK_DIR})",
+        default=common.DEFAULT_WORK_DIR,
+        help=f"weights and exports (default {common.DEFAULT_WORK_DIR})",
     )
     parser.add_argument(
         "--exporter",

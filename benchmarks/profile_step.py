@@ -29,9 +29,6 @@ from pathlib import Path
 import _common as common
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "gptkit-bench"
-
 
 def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -> list[dict]:
     """Profile ``steps`` decode steps after a random prompt of P tokens, for each P."""
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=16, help="decode steps profiled per position")
     parser.add_argument("--top", type=int, default=12, help="how many single nodes to list")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--work-dir", type=Path, default=common.DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args(argv)
 
