@@ -6,6 +6,7 @@ Runs against ``$GPTKIT_TEST_MODEL`` when set (CI's torch-free venv), else a tiny
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -399,3 +400,60 @@ def test_fp16_export_runs_with_an_fp16_cache(tmp_path: Path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# ---- examples/ --------------------------------------------------------------------------------
+
+
+def load_example(name: str):
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_complete_lines_example_batches_like_generate(model: Model):
+    example = load_example("complete_lines")
+    lines = PROMPTS * 3  # 12 lines: batches of 5, 5 and 2
+    n = min(room(model, p) for p in PROMPTS)
+    got = example.complete_lines(model, lines, batch=5, max_new_tokens=n, temperature=0)
+    assert got == [model.generate(line, max_new_tokens=n, temperature=0) for line in lines]
+
+
+def test_complete_server_example_serves_json_and_streams(model: Model):
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    server = load_example("complete_server").make_server(model, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/complete"
+
+    def post(body: dict) -> tuple[int, bytes]:
+        request = urllib.request.Request(url, data=json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    try:
+        n = room(model, "ROMEO:")
+        expected = model.complete("ROMEO:", max_new_tokens=n, seed=4)
+        status, body = post({"prompt": "ROMEO:", "max_new_tokens": n, "seed": 4})
+        assert status == 200
+        assert json.loads(body) == {
+            "text": expected.text,
+            "finish_reason": expected.finish_reason,
+            "prompt_tokens": expected.prompt_tokens,
+            "completion_tokens": len(expected.token_ids),
+        }
+        status, body = post({"prompt": "ROMEO:", "max_new_tokens": n, "seed": 4, "stream": True})
+        assert (status, body.decode("utf-8")) == (200, expected.text)
+        status, body = post({"prompt": "ROMEO:", "top_p": 2})
+        assert status == 400 and "top_p must be in (0, 1]" in json.loads(body)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
