@@ -4,9 +4,14 @@ Public API::
 
     import runtime
     model = runtime.load("model.onnx")            # weights, config and tokenizer from one file
-    model.generate("ROMEO:", max_new_tokens=50, seed=0)
-    for piece in model.stream("ROMEO:"): ...
+    model.generate("ROMEO:", max_new_tokens=50, seed=0)              # -> str
+    model.generate(["ROMEO:", "JULIET:"], temperature=0)             # a batch -> list[str]
+    model.complete("ROMEO:", logprobs=True)       # -> GenerationResult (ids, finish reason, ...)
+    for piece in model.stream("ROMEO:"): ...      # text as it is generated
     model.score("To be, or not to be").perplexity
+
+Options are the fields of the frozen ``SamplingConfig`` (pass one, or keywords). Every problem a
+caller can fix raises a one-line ``GptkitError``. One ``Model`` serves many threads at once.
 
 This package never imports PyTorch. Names load lazily, so importing ``runtime.errors`` (as the CLI
 does to print errors) does not import onnxruntime.
