@@ -18,6 +18,7 @@ state is loaded with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -73,9 +74,18 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_model(
     path: str | os.PathLike[str] | None = None, *, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer]:
-    """Load a model and its tokenizer from a run directory (its best, else last) or a checkpoint."""
+    """Load a model and its tokenizer from a run directory (its best, else last) or a checkpoint.
+
+    ``None`` means DEFAULT_RUN_DIR. A local Hugging Face GPT-2 directory loads too (through
+    ``gpt_core.hf.load_hf_gpt2``). Any problem is one CheckpointError line naming the file.
+    """
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
+    if "model_type" in config:  # a Hugging Face directory, not ours
+        from gpt_core.hf import load_hf_gpt2
+
+        model, tokenizer = load_hf_gpt2(checkpoint)
+        return model.to(device).eval(), tokenizer
     try:
         model_config = GPTConfig.from_dict(config.get("model", {}))
     except GptkitError as e:
@@ -188,9 +198,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, model, tokenizer, train_config=train_config)
     if state is not None:
-        tmp_state = tmp / (STATE_FILE + ".tmp")
-        torch.save(state, tmp_state)
-        os.replace(tmp_state, tmp / STATE_FILE)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(tmp / STATE_FILE, buffer.getvalue())
     os.replace(tmp, final)
     _point(run_dir / "last", name)
     if is_best or not (run_dir / "best").exists():
@@ -216,11 +226,26 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def _point(link: Path, target: str) -> None:
-    """Atomically make ``link`` a symlink to ``target`` (a sibling directory name)."""
+    """Atomically make ``link`` a symlink to ``target`` (a sibling directory name).
+
+    Where symlinks are not allowed (Windows without developer mode), ``link`` becomes a copy,
+    swapped in by two renames.
+    """
     tmp = link.with_name(f".{link.name}.tmp")
-    if tmp.is_symlink() or tmp.exists():
+    if tmp.is_symlink() or tmp.is_file():
         tmp.unlink()
-    os.symlink(target, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.symlink(target, tmp, target_is_directory=True)
+    except OSError:
+        shutil.copytree(link.parent / target, tmp)
+        old = link.with_name(f".{link.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if link.exists():
+            os.replace(link, old)
+        os.replace(tmp, link)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     os.replace(tmp, link)
 
 

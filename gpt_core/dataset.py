@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from runtime.errors import DataError
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import Tokenizer, atomic_write_bytes
 
 CHUNK_BYTES = 1 << 20  # tokenize 1 MiB at a time (split at a line boundary)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -43,9 +42,7 @@ def bundled_corpus_path() -> Path:
             resources.files("gpt_core").joinpath("data", BUNDLED_CORPUS).read_bytes()
         )
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, data)  # several DDP ranks may get here at once
     return target
 
 
@@ -66,14 +63,18 @@ def resolve_text_files(
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
             )
+            found = [p for p in found if p.stat().st_size > 0]  # empty files add nothing
             if not found:
-                raise DataError(f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise DataError(
+                    f"directory {path} has no non-empty text files ({', '.join(TEXT_SUFFIXES)})"
+                )
             files.extend(found)
+        elif path.stat().st_size == 0:
+            raise DataError(f"{path} is empty; give it some text to train on")
         else:
             files.append(path)
-    for file in files:
-        if file.stat().st_size == 0:
-            raise DataError(f"{file} is empty; give it some text to train on")
+    if not files:
+        raise DataError("no data files given; pass a text file or a directory of .txt files")
     return files
 
 
@@ -90,18 +91,11 @@ def read_text(files: Sequence[Path], limit: int | None = None) -> str:
     return "".join(parts)
 
 
-@dataclass(frozen=True)
-class TokenSplit:
-    ids: np.memmap  # flat token ids of this split
-    n_chars: int  # characters of raw text these ids cover (for bits per character)
-
-    @property
-    def chars_per_token(self) -> float:
-        return self.n_chars / max(1, len(self.ids))
-
-
 class CustomDataset(torch.utils.data.Dataset):
     """(input, target) windows of ``block_size`` tokens over one split of a tokenized corpus.
+
+    The corpus is tokenized once into a memmap (see :func:`tokenize_cached`); the last
+    ``val_fraction`` of its tokens is the validation split, the rest the training split.
 
     >>> ds = CustomDataset("input.txt", tokenizer, block_size=128)  # doctest: +SKIP
     >>> x, y = ds[0]  # y is x shifted left by one token
@@ -124,22 +118,16 @@ class CustomDataset(torch.utils.data.Dataset):
         self.files = resolve_text_files(paths)
         self.tokenizer = tokenizer
         self.block_size = block_size
-        all_ids, n_chars = tokenize_cached(self.files, tokenizer, cache_dir)
+        all_ids = tokenize_cached(self.files, tokenizer, cache_dir)
         n = len(all_ids)
         n_val = max(block_size + 1, int(n * val_fraction))
         if n - n_val < block_size + 1:
             raise DataError(
-                f"the corpus has only {n} tokens, too few for block_size {block_size} with a "
-                f"validation split; give more text or a smaller --block-size"
+                f"the corpus has only {n} tokens, too few for block_size {block_size} plus a "
+                "validation split; give more text or a smaller --block-size"
             )
         cut = n - n_val
-        ids = all_ids[:cut] if split == "train" else all_ids[cut:]
-        chars = round(n_chars * len(ids) / n)  # characters covered, pro rata
-        self.split = TokenSplit(ids=ids, n_chars=chars)
-
-    @property
-    def ids(self) -> np.memmap:
-        return self.split.ids
+        self.ids: np.memmap = all_ids[:cut] if split == "train" else all_ids[cut:]
 
     def __len__(self) -> int:
         """Number of non-overlapping windows (one epoch)."""
@@ -151,39 +139,66 @@ class CustomDataset(torch.utils.data.Dataset):
         return self.window(index * self.block_size)
 
     def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``start .. start+block_size`` and the same shifted by one (the targets)."""
         chunk = torch.from_numpy(
             np.asarray(self.ids[start : start + self.block_size + 1], dtype=np.int64)
         )
         return chunk[:-1], chunk[1:]
 
     def batch(self, starts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (B, block_size) batch of inputs and targets at the given window starts."""
         xs, ys = zip(*(self.window(int(s)) for s in starts), strict=True)
         return torch.stack(xs), torch.stack(ys)
 
     def epoch_starts(self, epoch: int, seed: int) -> np.ndarray:
-        """Window start offsets for one epoch: a shuffled tiling with a random phase, seeded."""
+        """Window starts for one epoch: a shuffled tiling with a random phase, a pure function
+        of (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
         rng = np.random.default_rng([seed, epoch])
         phase = int(rng.integers(0, self.block_size))
-        n = (len(self.ids) - 1 - phase) // self.block_size
+        n = max(1, (len(self.ids) - 1 - phase) // self.block_size)
         return phase + self.block_size * rng.permutation(n)
+
+    def eval_starts(self, max_windows: int | None = None) -> list[int]:
+        """Fixed, evenly spread window starts (all windows when ``max_windows`` is None)."""
+        n = len(self)
+        count = n if max_windows is None else min(n, max_windows)
+        return (np.linspace(0, n - 1, count).round().astype(np.int64) * self.block_size).tolist()
+
+
+def token_char_counts(tokenizer: Tokenizer) -> np.ndarray:
+    """Characters each token id contributes to UTF-8 text: its bytes that start a character.
+
+    Summed over a span of targets this gives the exact number of characters they cover, so
+    bits per character = summed cross-entropy / ln 2 / characters, whatever the tokenizer.
+    """
+    counts = np.zeros(tokenizer.n_vocab, dtype=np.int64)
+    for token_id in range(tokenizer.n_vocab):
+        try:
+            data = tokenizer.token_bytes(token_id)
+        except Exception:  # ids with no bytes (gaps, special tokens) cover no text
+            continue
+        counts[token_id] = sum(1 for b in data if b & 0xC0 != 0x80)
+    return counts
 
 
 def tokenize_cached(
     files: Sequence[Path], tokenizer: Tokenizer, cache_dir: str | os.PathLike[str] | None = None
-) -> tuple[np.memmap, int]:
-    """Token ids of ``files`` (documents separated by <|endoftext|>) from the cache, building it once."""
+) -> np.memmap:
+    """Token ids of ``files`` (separated by <|endoftext|>), read from the cache or built once.
+
+    The cache file is named by a hash of the files' bytes and the tokenizer's fingerprint, so an
+    edited file or another tokenizer gets a new cache entry instead of stale ids.
+    """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(files, tokenizer)
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
-    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
-    if bin_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return np.memmap(bin_path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta[
-            "n_chars"
-        ]
+    cached = _open_cached(bin_path, meta_path)
+    if cached is not None:
+        return cached
+    dtype = np.dtype(np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
-    n_tokens = n_chars = 0
+    n_tokens = 0
     try:
         with open(tmp, "wb") as out:
             for i, file in enumerate(files):
@@ -191,25 +206,33 @@ def tokenize_cached(
                     out.write(np.array([tokenizer.eot_token], dtype=dtype).tobytes())
                     n_tokens += 1
                 for chunk in _utf8_chunks(file):
-                    ids = tokenizer.encode(chunk)
-                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
+                    out.write(ids.tobytes())
                     n_tokens += len(ids)
-                    n_chars += len(chunk)
         os.replace(tmp, bin_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     meta = {
         "n_tokens": n_tokens,
-        "n_chars": n_chars,
-        "dtype": np.dtype(dtype).name,
+        "dtype": dtype.name,
         "files": [str(f) for f in files],
         "tokenizer": tokenizer.fingerprint(),
     }
-    tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), n_chars
+    atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _open_cached(bin_path: Path, meta_path: Path) -> np.memmap | None:
+    """The cached ids, or None when the entry is missing or damaged (it is then rebuilt)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, n_tokens = np.dtype(meta["dtype"]), int(meta["n_tokens"])
+        if bin_path.stat().st_size != n_tokens * dtype.itemsize or n_tokens == 0:
+            return None
+        return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _cache_key(files: Sequence[Path], tokenizer: Tokenizer) -> str:

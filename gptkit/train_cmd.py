@@ -10,8 +10,8 @@ import click
 from runtime.errors import ConfigError, require
 
 DEFAULT_PRESET = "small-cpu"
-DEFAULT_OUT = "runs/default"
-DEFAULT_STEPS = 1400  # about ten minutes for small-cpu on two CPU cores
+DEFAULT_OUT = "runs/default"  # gpt_core.checkpoint.DEFAULT_RUN_DIR, where `gptkit export` looks
+DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of small-cpu on 2 cores
 
 
 @click.command("train")
@@ -62,6 +62,7 @@ DEFAULT_STEPS = 1400  # about ten minutes for small-cpu on two CPU cores
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default="auto",
     show_default=True,
+    help="auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU and MPS.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--compile", "use_compile", is_flag=True, help="Use torch.compile.")
@@ -143,8 +144,6 @@ def train_command(
         "vocab_size": vocab_size,
     }
     train_overrides.update({k: v for k, v in cli_train.items() if v is not None})
-    if train_overrides.get("epochs") is None and train_overrides.get("max_steps") is None:
-        train_overrides["max_steps"] = DEFAULT_STEPS
     config = TrainConfig(
         data=list(data),
         out_dir=out,
@@ -155,19 +154,21 @@ def train_command(
     )
 
     display = _Display()
-    result = train(model_config, config, callback=display, resume=resume, init_from=init_from)
-    display.close()
+    try:
+        result = train(model_config, config, callback=display, resume=resume, init_from=init_from)
+    finally:
+        display.close()
     if result.interrupted:
         click.echo(
-            f"Interrupted at step {result.step}; checkpoint saved. Resume with: "
-            f"gptkit train --out {out} --resume",
+            f"Interrupted at step {result.step}; checkpoint saved in {Path(out) / 'last'}. "
+            f"Resume with: gptkit train --out {out} --resume",
             err=True,
         )
         raise SystemExit(130)
     click.echo(
-        f"Saved to {Path(out) / 'best'} (last: {Path(out) / 'last'}); best validation "
-        f"{result.best_val_bpc:.3f} bits/char (loss {result.best_val_loss:.3f}) after "
-        f"{result.step} steps in {result.seconds / 60:.1f} min. Next: gptkit export model.onnx",
+        f"Saved to {Path(out) / 'best'} (last step: {Path(out) / 'last'}); validation "
+        f"{result.best_val_bpc:.3f} bits/char (loss {result.best_val_loss:.3f}), "
+        f"{result.step} steps in {result.seconds / 60:.1f} min. Next: gptkit export",
         err=True,
     )
 
@@ -206,14 +207,19 @@ class _Display:
 
         if event.kind == "start":
             d = event.data
+            ranks = f" x {d['world_size']} processes" if d["world_size"] > 1 else ""
             click.echo(
-                f"Training {d['params'] / 1e6:.2f}M parameters on {d['device']} "
-                f"({d['tokens']:,} training tokens, vocab {d['vocab']:,}, "
+                f"Training {d['params'] / 1e6:.2f}M parameters on {d['device']}{ranks} "
+                f"({d['precision']}; {d['tokens']:,} training tokens, vocab {d['vocab']:,}, "
                 f"{d['steps_per_epoch']} steps per epoch)",
                 err=True,
             )
             self.bar = tqdm(
-                total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True
+                total=event.total_steps,
+                initial=event.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=click.get_text_stream("stderr"),
             )
         elif event.kind == "step" and self.bar is not None:
             d = event.data
@@ -229,14 +235,13 @@ class _Display:
                 f"val {d['val_bpc']:.3f} bits/char{best}"
             )
             sample = d["sample"].strip("\n")
-            text = f"{line}\n--- sample ---\n{sample}\n--------------"
-            if self.bar is not None:
-                self.bar.write(text, file=click.get_text_stream("stderr"))
-            else:
-                click.echo(text, err=True)
-        elif event.kind == "done" and event.data.get("plot") is None:
+            self._write(f"{line}\n--- sample ---\n{sample}\n--------------")
+        elif event.kind == "done":
+            plot = event.data.get("plot")
             self._write(
-                "Loss curve skipped: install matplotlib (pip install 'gptkit[plot]') for loss.png"
+                f"Loss curve: {plot}"
+                if plot
+                else "Loss curve skipped: install matplotlib (pip install 'gptkit[plot]')"
             )
 
     def _write(self, text: str) -> None:
