@@ -140,6 +140,11 @@ def choose_token(
     Draws exactly one uniform number per sampled token (none when greedy), so a seeded generator
     gives the same tokens whatever else runs in the process.
     """
+    if config.greedy and config.repetition_penalty == 1.0:
+        valid = np.asarray(logits).reshape(-1)[:n_vocab]
+        token = int(np.argmax(valid))  # NB: argmax returns the first NaN if there is one
+        if valid.size and np.isfinite(valid[token]):  # so: no NaN, no +inf; nothing to process
+            return token
     scores = process_logits(logits, config, n_vocab=n_vocab, context=context)
     if not np.isfinite(scores).any():
         # Nothing survived (every valid logit -inf or NaN): the best raw valid id, else 0.

@@ -5,10 +5,13 @@ A gptkit export is one graph for prefill and decode (ANCHORS pitfalls 2-4): it t
 ``past_key_values.{i}.key|value`` [B, n_head, P, head_dim] (P = 0 on the first step), and returns
 ``logits`` [B, T, V] and ``present.{i}.key|value`` [B, n_head, P+T, head_dim].
 
-With IO binding (the default) each step binds the previous step's ``present.*`` outputs, which are
-OrtValues, directly as the next step's ``past_key_values.*`` inputs: the cache is never copied into
-numpy between steps, and on CUDA it stays on the GPU. Only the logits come back to numpy. The plain
-``InferenceSession.run`` path (``io_binding=False``) is kept for comparison and debugging.
+The cache is never copied between steps. With IO binding (the default on CUDA) each step binds
+the previous step's ``present.*`` outputs, OrtValues that stay on the GPU, directly as the next
+step's ``past_key_values.*`` inputs; only the logits come back to the host. On the CPU the plain
+``InferenceSession.run`` path is the default: its numpy outputs wrap ONNX Runtime's own buffers
+(no copy), numpy inputs are wrapped the same way, and it makes fewer Python calls per step than
+binding 1 + 4 * n_layer names (measured: about 0.03 ms a step, 15 % of a ``tiny`` decode step).
+``io_binding=True`` forces binding on the CPU too; both paths give identical tokens (tested).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class OnnxSession:
         threads: int | None = None,
         optimization: str = "all",
         allow_fallback: bool = False,
-        io_binding: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         path = Path(path)
         _check_options(device, threads, optimization)
@@ -86,7 +89,7 @@ class OnnxSession:
                 )
         self.path = path
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.io_binding = io_binding
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.metadata = ModelMetadata.from_props(
             self.session.get_modelmeta().custom_metadata_map, source=str(path)
         )

@@ -159,10 +159,12 @@ def test_row_zero_of_a_sampled_batch_samples_as_the_prompt_alone(model: Model):
 
 def test_io_binding_and_plain_runs_agree(exported: Exported, model: Model):
     plain = Model(OnnxSession(exported.path, threads=1, io_binding=False))
+    bound = Model(OnnxSession(exported.path, threads=1, io_binding=True))
+    assert (plain._session.io_binding, bound._session.io_binding) == (False, True)
     n = min(room(model, p) for p in PROMPTS)
     kwargs = dict(max_new_tokens=n, temperature=0, stop_at_eot=False, logprobs=True)
     for a, b in zip(
-        plain.complete(PROMPTS, **kwargs), model.complete(PROMPTS, **kwargs), strict=True
+        plain.complete(PROMPTS, **kwargs), bound.complete(PROMPTS, **kwargs), strict=True
     ):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
