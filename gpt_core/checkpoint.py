@@ -257,7 +257,10 @@ def _remove_unreferenced(run_dir: Path) -> None:
 
 
 def _strip_prefixes(key: str) -> str:
-    for prefix in ("_orig_mod.", "module."):
-        while key.startswith(prefix):
-            key = key[len(prefix) :]
+    """``module._orig_mod.x`` -> ``x``: DDP and torch.compile wrappers, in any order."""
+    stripped = None
+    while stripped != key:
+        stripped = key
+        for prefix in ("_orig_mod.", "module."):
+            key = key.removeprefix(prefix)
     return key

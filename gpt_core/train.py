@@ -141,6 +141,8 @@ class TrainResult:
     best_val_bpc: float  # bits per character of raw text, comparable across tokenizers
     interrupted: bool
     seconds: float  # training time, summed over resumed sessions
+    model: GPT  # the model after the last step (on its training device)
+    tokenizer: Tokenizer
 
 
 Callback = Callable[[Event], None]
@@ -363,7 +365,7 @@ def train(
         emit(
             Event("done", step, total, {"plot": write_loss_plot(metrics_path, run_dir / PLOT_FILE)})
         )
-    return TrainResult(run_dir, step, best_val, best_bpc, interrupted, elapsed)
+    return TrainResult(run_dir, step, best_val, best_bpc, interrupted, elapsed, model, tokenizer)
 
 
 def build_tokenizer(spec: str, files: list[Path], vocab_size: int) -> Tokenizer:
