@@ -1,0 +1,244 @@
+"""The trainer: schedule, optimizer groups, a short run, determinism, exact resume, Ctrl-C, init-from."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gpt_core import schedule  # noqa: E402
+from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint  # noqa: E402
+from gpt_core.train import TrainConfig, train, write_loss_plot  # noqa: E402
+from runtime.errors import CheckpointError, ConfigError  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, shakespeare: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(shakespeare[:30_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def model_config(tiny_config):
+    return tiny_config.replace(block_size=32, dropout=0.1)
+
+
+def small(corpus: Path, out: Path, **changes) -> TrainConfig:
+    """A run that takes a second or two: 300-id BPE, 8 x 32-token batches, 4 eval windows."""
+    fields = dict(
+        data=[str(corpus)],
+        out_dir=str(out),
+        vocab_size=300,
+        batch_size=8,
+        max_steps=20,
+        eval_interval=10,
+        eval_windows=4,
+        sample_tokens=5,
+        warmup_steps=5,
+        log_interval=5,
+        threads=1,
+    )
+    return TrainConfig(**{**fields, **changes})
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ: {different[:3]}"
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    kw = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [schedule.learning_rate(s, 110, **kw) for s in range(110)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert max(lrs) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # monotone after warmup
+    assert schedule.learning_rate(110, 110, **kw) == pytest.approx(0.1)
+    # a 5-step run warms up for 1 step, not 10
+    assert schedule.learning_rate(0, 5, **kw) == 1.0
+
+
+def test_weight_decay_applies_to_matrices_only(tiny_model) -> None:
+    opt = schedule.make_optimizer(
+        tiny_model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), device=torch.device("cpu")
+    )
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
+    assert any(p is tiny_model.transformer.wte.weight for p in decayed["params"])
+    assert any(p is tiny_model.transformer.ln_f.weight for p in plain["params"])
+    counted = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert counted == tiny_model.num_params()
+
+
+def test_devices_and_precisions() -> None:
+    cpu = torch.device("cpu")
+    assert schedule.pick_device("cpu") == cpu
+    assert schedule.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        schedule.resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        schedule.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            schedule.pick_device("cuda")
+
+
+def test_a_short_run_learns_and_reports_through_events(
+    corpus, tmp_path, model_config, capsys
+) -> None:
+    events = []
+    result = train(model_config, small(corpus, tmp_path / "run"), callback=events.append)
+    assert capsys.readouterr() == ("", "")  # the library never prints
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("step") == 20 and kinds.count("eval") == 2
+    evals = [e.data for e in events if e.kind == "eval"]
+    assert evals[-1]["val_loss"] < math.log(300) - 0.5  # well below a uniform guess
+    assert evals[-1]["val_bpc"] == pytest.approx(result.best_val_bpc)
+    assert isinstance(evals[0]["sample"], str)
+    assert result.step == 20 and not result.interrupted
+    assert result.model.config.vocab_size == result.tokenizer.n_vocab <= 300
+
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert "val_bpc" in rows[1] and "val_bpc" not in rows[0]
+    saved = json.loads((run / "last" / "config.json").read_text())
+    assert saved["train"]["vocab_size"] == 300 and saved["model"]["block_size"] == 32
+    model, tokenizer = load_model(run)
+    assert tokenizer == result.tokenizer
+    assert load_training_state(resolve_checkpoint(run / "last"))["step"] == 20
+
+
+def test_same_seed_same_weights(corpus, tmp_path, model_config) -> None:
+    first = train(model_config, small(corpus, tmp_path / "a", max_steps=6))
+    second = train(model_config, small(corpus, tmp_path / "b", max_steps=6))
+    assert_bitwise_equal(weights(first.model), weights(second.model))
+    third = train(model_config, small(corpus, tmp_path / "c", max_steps=6, seed=7))
+    assert not torch.equal(first.model.transformer.wte.weight, third.model.transformer.wte.weight)
+
+
+def test_ctrl_c_saves_and_resume_is_bitwise_exact(corpus, tmp_path, model_config) -> None:
+    straight = train(model_config, small(corpus, tmp_path / "straight"))
+
+    def ctrl_c_at_step_7(event) -> None:
+        if event.kind == "step" and event.step == 7:
+            signal.raise_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+
+    events = []
+    stopped = train(
+        model_config,
+        small(corpus, tmp_path / "split"),
+        callback=lambda e: (events.append(e), ctrl_c_at_step_7(e)),
+    )
+    assert stopped.interrupted and stopped.step == 7
+    assert events[-1].kind == "interrupted" and "done" not in [e.kind for e in events]
+    assert load_training_state(resolve_checkpoint(tmp_path / "split" / "last"))["step"] == 7
+    # resuming ignores a changed schedule: the saved run's settings decide the batches
+    resumed = train(model_config, small(corpus, tmp_path / "split", lr=0.5), resume=True)
+    assert resumed.step == 20 and not resumed.interrupted
+    assert_bitwise_equal(weights(straight.model), weights(resumed.model))
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 7, 10, 15, 20]
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path, model_config) -> None:
+    config = model_config.replace(dropout=0.0)
+    big = train(config, small(corpus, tmp_path / "big", max_steps=4))
+    accum = train(config, small(corpus, tmp_path / "acc", max_steps=4, batch_size=2, grad_accum=4))
+    a, b = weights(big.model), weights(accum.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_epochs_set_the_length(corpus, tmp_path, model_config) -> None:
+    events = []
+    result = train(
+        model_config,
+        small(corpus, tmp_path / "run", max_steps=None, epochs=1, eval_interval=1000),
+        callback=events.append,
+    )
+    steps_per_epoch = events[0].data["steps_per_epoch"]
+    assert result.step == steps_per_epoch
+    assert [e.step for e in events if e.kind == "eval"] == [steps_per_epoch]
+
+
+def test_bf16_autocast_trains_on_cpu(corpus, tmp_path, model_config) -> None:
+    result = train(model_config, small(corpus, tmp_path / "run", max_steps=2, precision="bf16"))
+    assert math.isfinite(result.best_val_loss)
+    assert result.model.transformer.wte.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_init_from_a_checkpoint_keeps_its_weights_and_tokenizer(
+    corpus, tmp_path, model_config
+) -> None:
+    base = train(model_config, small(corpus, tmp_path / "base", max_steps=10))
+    tuned = train(
+        model_config.replace(n_layer=1),  # ignored: the checkpoint decides the shape
+        small(corpus, tmp_path / "tuned", max_steps=1, lr=1e-12, vocab_size=400),
+        init_from=tmp_path / "base",
+    )
+    assert tuned.tokenizer == base.tokenizer and tuned.model.config == base.model.config
+    a, b = weights(base.model), weights(tuned.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    saved = json.loads((tmp_path / "tuned" / "last" / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(tmp_path / "base")
+
+
+def test_init_from_a_hugging_face_directory(corpus, tmp_path, model_config) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    hf_tok = tokenizers.ByteLevelBPETokenizer()
+    hf_tok.train_from_iterator(
+        [corpus.read_text()], vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    hf_tok.save(str(hf_dir / "tokenizer.json"))
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=hf_tok.get_vocab_size()
+    )
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(hf_dir, safe_serialization=True)
+    result = train(model_config, small(corpus, tmp_path / "run", max_steps=2), init_from=hf_dir)
+    assert result.model.config.n_layer == 2 and result.model.config.block_size == 32
+    assert result.tokenizer.encode("ROMEO:") == hf_tok.encode("ROMEO:").ids
+    assert load_model(tmp_path / "run")[1] == result.tokenizer
+
+
+def test_bad_settings_are_one_line_errors(corpus, tmp_path, model_config) -> None:
+    with pytest.raises(ConfigError, match="--batch-size must be positive"):
+        train(model_config, small(corpus, tmp_path / "a", batch_size=0))
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        train(model_config, small(corpus, tmp_path / "a", precision="fp8"))
+    with pytest.raises(ConfigError, match="unknown tokenizer 'nope'"):
+        train(model_config, small(corpus, tmp_path / "a", tokenizer="nope"))
+    with pytest.raises(CheckpointError, match="nothing to resume in"):
+        train(model_config, small(corpus, tmp_path / "empty"), resume=True)
+    with pytest.raises(ConfigError, match="pick one"):
+        train(model_config, small(corpus, tmp_path / "a"), resume=True, init_from=tmp_path)
+
+
+def test_loss_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 3.0, "val_loss": 3.1}\n{"step": 2, "loss": 2.')
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert write_loss_plot(metrics, tmp_path / "loss.png") is None
+    assert not (tmp_path / "loss.png").exists()
