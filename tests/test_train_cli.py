@@ -1,0 +1,151 @@
+"""`gptkit train`: the flag names scripts rely on, a tiny run, config files, Ctrl-C, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gpt_core.checkpoint import DEFAULT_RUN_DIR, load_model  # noqa: E402
+from gpt_core.train import DEFAULT_MAX_STEPS, TrainConfig  # noqa: E402
+from gptkit import train_cmd  # noqa: E402
+from gptkit.cli import cli  # noqa: E402
+
+ISSUE_FLAGS = (
+    "--data --out --preset --config --n-layer --n-head --n-embd --block-size --batch-size "
+    "--grad-accum --lr --epochs --max-steps --eval-interval --precision --device --seed "
+    "--tokenizer --vocab-size --resume --init-from"
+).split()
+TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, shakespeare: str) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(shakespeare[:20_000], encoding="utf-8")
+    return path
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_the_documented_flags(runner) -> None:
+    result = runner.invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    for flag in ISSUE_FLAGS:
+        assert f"{flag} " in result.output or f"{flag}\n" in result.output, flag
+
+
+def test_defaults_agree_with_the_library() -> None:
+    assert Path(train_cmd.DEFAULT_OUT) == DEFAULT_RUN_DIR
+    assert train_cmd.DEFAULT_STEPS == DEFAULT_MAX_STEPS
+    assert TrainConfig().out_dir == str(DEFAULT_RUN_DIR)
+
+
+def test_no_data_trains_on_the_bundled_corpus_into_the_default_run(runner) -> None:
+    result = runner.invoke(cli, ["train", *TINY, "--max-steps", "2", "--eval-interval", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Training " in result.output and "--- sample ---" in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Saved to {DEFAULT_RUN_DIR / 'best'}") and "bits/char" in last
+    model, tokenizer = load_model()  # where `gptkit export` looks by default
+    assert model.config.n_layer == 2 and tokenizer.n_vocab <= 300
+    assert (DEFAULT_RUN_DIR / "metrics.jsonl").is_file()
+
+
+def test_flags_and_config_file_reach_the_run(runner, corpus, tmp_path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": {"n_embd": 32}, "train": {"lr": 0.003}, "seed": 5}))
+    args = ["train", "--data", str(corpus), "--out", "r", *TINY, "--config", str(config)]
+    args += ["--n-layer", "1", "--n-head", "4", "--max-steps", "3", "--eval-interval", "3"]
+    args += ["--grad-accum", "2", "--precision", "fp32", "--device", "cpu"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r" / "last" / "config.json").read_text())
+    assert (saved["model"]["n_layer"], saved["model"]["n_head"], saved["model"]["n_embd"]) == (
+        1,
+        4,
+        32,
+    )
+    train = saved["train"]
+    assert (train["lr"], train["seed"], train["grad_accum"], train["max_steps"]) == (
+        0.003,
+        5,
+        2,
+        3,
+    )
+    assert train["data"] == [str(corpus)] and train["vocab_size"] == 300
+
+
+def test_ctrl_c_prints_how_to_resume_and_resume_finishes(runner, corpus, monkeypatch) -> None:
+    display = train_cmd._Display.__call__
+
+    def ctrl_c_at_step_2(self, event) -> None:
+        display(self, event)
+        if event.kind == "step" and event.step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    args = ["train", "--data", str(corpus), "--out", "r", *TINY, "--max-steps", "4"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_cmd._Display, "__call__", ctrl_c_at_step_2)
+        result = runner.invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert "Interrupted at step 2; checkpoint saved in r/last" in result.output
+    assert "Resume with: gptkit train --out r --resume" in result.output
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "4 steps" in result.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--data", "missing.txt"], ["missing.txt does not exist"]),
+        (["--resume"], ["nothing to resume in runs/default"]),
+        (["--precision", "fp16", "--device", "cpu"], ["fp16 needs a CUDA GPU"]),
+        (["--n-embd", "30", "--n-head", "4"], ["n_embd (30) must be divisible by n_head (4)"]),
+        (["--preset", "huge"], ["unknown preset 'huge'"]),
+        (["--config", "nope.json"], ["config file nope.json not found"]),
+        (["--init-from", "nowhere"], ["no checkpoint at nowhere"]),
+        (["--tokenizer", "sentencepiece"], ["unknown tokenizer 'sentencepiece'"]),
+    ],
+    ids=["data", "resume", "fp16", "shape", "preset", "config", "init-from", "tokenizer"],
+)
+def test_user_mistakes_are_one_line_errors(runner, args, fragments) -> None:
+    assert_one_line_error(runner.invoke(cli, ["train", "--max-steps", "1", *args]), *fragments)
+
+
+def test_undecodable_data_and_bad_config_files(runner, tmp_path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc\n\xff\xfe")
+    result = runner.invoke(cli, ["train", "--data", str(bad), "--tokenizer", "gpt2x"])
+    assert_one_line_error(result, "unknown tokenizer")
+    result = runner.invoke(cli, ["train", "--data", str(bad), *TINY])
+    assert_one_line_error(result, f"{bad} is not UTF-8 text (invalid byte at offset 4)")
+    config = tmp_path / "c.json"
+    config.write_text('{"n_layers": 3}')
+    assert_one_line_error(
+        runner.invoke(cli, ["train", "--config", str(config)]), "unknown key(s): n_layers"
+    )
+    config.write_text("[1, 2")
+    assert_one_line_error(runner.invoke(cli, ["train", "--config", str(config)]), "not valid JSON")
+
+
+def test_resume_and_init_from_together_is_a_usage_error(runner) -> None:
+    result = runner.invoke(cli, ["train", "--resume", "--init-from", "x"])
+    assert result.exit_code == 2 and "cannot be combined" in result.output
