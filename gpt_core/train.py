@@ -143,6 +143,7 @@ class TrainResult:
     seconds: float  # training time, summed over resumed sessions
     model: GPT  # the model after the last step (on its training device)
     tokenizer: Tokenizer
+    rank: int = 0  # under torchrun, only rank 0 should report
 
 
 Callback = Callable[[Event], None]
@@ -165,7 +166,7 @@ def train(
     """
     if resume and init_from is not None:
         raise ConfigError("--resume continues a run and --init-from starts one; pick one")
-    emit = callback or (lambda event: None)
+    callback = callback or (lambda event: None)
     run_dir = Path(config.out_dir)
     state = None
     if resume:
@@ -176,6 +177,11 @@ def train(
         config = dataclasses.replace(config, **{k: saved[k] for k in RESUME_FIXED if k in saved})
     config.validate()
     dist = Distributed.from_env()
+
+    def emit(event: Event) -> None:
+        if dist.is_main:  # one report, not one per rank
+            callback(event)
+
     dist.check_batch(config.batch_size)
     _set_threads(config.threads, dist)
     device = schedule.pick_device(config.device, dist.local_rank)
@@ -338,8 +344,7 @@ def train(
                     "epoch": step / steps_per_epoch,
                     "elapsed_s": elapsed,
                 }
-                if dist.is_main:
-                    emit(Event("step", step, total, record))
+                emit(Event("step", step, total, record))
                 stopping = dist.broadcast_flag(stop.requested)
                 due = step % config.eval_interval == 0 or step % steps_per_epoch == 0
                 if dist.is_main and (due or step == total or stopping):
@@ -355,8 +360,7 @@ def train(
                     _append_jsonl(metrics_path, record)
                 if stopping:
                     interrupted = True
-                    if dist.is_main:
-                        emit(Event("interrupted", step, total, {"run_dir": str(run_dir)}))
+                    emit(Event("interrupted", step, total, {"run_dir": str(run_dir)}))
                     break
         dist.barrier()
     finally:
@@ -365,7 +369,9 @@ def train(
         emit(
             Event("done", step, total, {"plot": write_loss_plot(metrics_path, run_dir / PLOT_FILE)})
         )
-    return TrainResult(run_dir, step, best_val, best_bpc, interrupted, elapsed, model, tokenizer)
+    return TrainResult(
+        run_dir, step, best_val, best_bpc, interrupted, elapsed, model, tokenizer, dist.rank
+    )
 
 
 def build_tokenizer(spec: str, files: list[Path], vocab_size: int) -> Tokenizer:

@@ -158,6 +158,8 @@ def train_command(
         result = train(model_config, config, callback=display, resume=resume, init_from=init_from)
     finally:
         display.close()
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        raise SystemExit(130 if result.interrupted else 0)
     if result.interrupted:
         click.echo(
             f"Interrupted at step {result.step}; checkpoint saved in {Path(out) / 'last'}. "
