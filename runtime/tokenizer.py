@@ -167,10 +167,12 @@ class Tokenizer:
     def from_bytes(cls, data: bytes | str) -> Tokenizer:
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict) or not isinstance(doc.get("ranks"), str):
+                raise TypeError("expected a JSON object with a 'ranks' string")
             ranks = _parse_ranks(doc["ranks"])
         except TokenizerError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise TokenizerError(f"corrupt tokenizer data ({type(e).__name__}: {e})") from None
         return cls._from_meta(doc, ranks)
 
