@@ -116,7 +116,7 @@ def _json_object(props: dict[str, str], key: str, source: str) -> dict[str, Any]
         raise ModelFileError(
             f"{source} metadata is missing {key!r}; re-export it with gptkit"
         ) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         raise ModelFileError(f"{source} metadata {key!r} is not valid JSON") from None
     if not isinstance(value, dict):
         raise ModelFileError(f"{source} metadata {key!r} is not a JSON object")
