@@ -113,6 +113,16 @@ class OnnxSession:
                 f"{self.path} lacks gptkit's inputs/outputs ({', '.join(missing[:3])}); "
                 "re-export it with `gptkit export`"
             )
+        expected = {1: self.metadata.n_head, 3: self.metadata.head_dim}
+        for i in self.session.get_inputs():
+            if i.name in past and len(i.shape) == 4:
+                for axis, size in expected.items():
+                    if isinstance(i.shape[axis], int) and i.shape[axis] != size:
+                        raise ModelFileError(
+                            f"{self.path}: the graph's {i.name} shape {i.shape} does not match "
+                            f"its metadata (n_head {self.metadata.n_head}, head_dim "
+                            f"{self.metadata.head_dim}); re-export it with `gptkit export`"
+                        )
         return past, present
 
     def empty_cache(self, batch: int) -> KVCache:
