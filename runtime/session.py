@@ -35,6 +35,12 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# What InferenceSession.run raises (Fail, InvalidArgument, RuntimeException, ...): its own types.
+_ORT_ERRORS = tuple(
+    value
+    for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+    if isinstance(value, type) and issubclass(value, Exception)
+)
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,10 @@ class OnnxSession:
                 "position_ids": position_ids,
                 **dict(zip(self.past_names, cache.values, strict=True)),
             }
-            logits, *presents = self.session.run(self._output_names, feeds)
+            try:
+                logits, *presents = self.session.run(self._output_names, feeds)
+            except _ORT_ERRORS as e:
+                raise self._run_failed(e) from None
             return logits, KVCache(tuple(presents), length)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
@@ -169,9 +178,20 @@ class OnnxSession:
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)  # stays where it was computed
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except _ORT_ERRORS as e:
+            raise self._run_failed(e) from None
         logits, *presents = binding.get_outputs()
         return logits.numpy(), KVCache(tuple(presents), length)
+
+    def _run_failed(self, error: Exception) -> ModelFileError:
+        """An ONNX Runtime failure on inputs the runtime built itself: the file is at fault."""
+        reason = str(error).strip().splitlines()[0][-200:] if str(error).strip() else ""
+        return ModelFileError(
+            f"onnxruntime failed running {self.path} ({reason or type(error).__name__}); the "
+            "file does not match its metadata or is damaged: re-export it with `gptkit export`"
+        )
 
 
 def _check_options(device: str, threads: int | None, optimization: str) -> None:
