@@ -194,8 +194,12 @@ def _check_number(name: str, value: object) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float, np.floating))
-        or math.isnan(value)
+        or (not isinstance(value, int) and math.isnan(value))
     ):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    if math.isinf(value):
+    try:
+        infinite = math.isinf(value)
+    except OverflowError:  # an int too large for a float
+        raise ConfigError(f"{name} must be finite, got an integer too large for a float") from None
+    if infinite:
         raise ConfigError(f"{name} must be finite, got {value}")
