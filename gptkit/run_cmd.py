@@ -176,6 +176,8 @@ def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
     click.echo(
         f"{model}\nType a prompt and press Enter; Ctrl-C stops a reply, Ctrl-D quits.", err=True
     )
+    if hasattr(sys.stdin, "reconfigure"):  # a non-UTF-8 line is that line's error, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         click.echo("> ", nl=False, err=True)  # stdout carries continuations only
         try:
@@ -183,6 +185,13 @@ def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
         except (EOFError, KeyboardInterrupt):
             click.echo("", err=True)
             return
+        bad = next((i for i, c in enumerate(line) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            offset = len(line[:bad].encode("utf-8", "surrogateescape"))
+            click.echo(
+                f"Error: the line is not UTF-8 text (invalid byte at offset {offset})", err=True
+            )
+            continue
         try:
             _complete(model, line, sampling, context, echo=False, explicit_n=explicit_n)
         except GptkitError as e:
