@@ -61,7 +61,7 @@ def export_command(
     require("onnx", extra="train", purpose="gptkit export")
     from export.onnx_export import ExportOptions, check_target, export_onnx
     from export.parity import verify_parity
-    from runtime.errors import ParityError
+    from runtime.errors import ExportError, ParityError
 
     if checkpoint and hf_dir:
         raise click.UsageError("give either --checkpoint or --hf, not both")
@@ -74,7 +74,12 @@ def export_command(
 
     # Export next to the target, verify, and only then move it into place: a model that fails
     # its parity check never replaces a good file, and a crash leaves at most a hidden temp file.
-    fd, staging_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:  # os.access in check_target can say yes where writing fails (root, read-only mounts)
+        fd, staging_name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        )
+    except OSError as e:
+        raise ExportError(f"cannot write to {target.parent}: {e.strerror or e}") from None
     os.close(fd)
     staging = Path(staging_name)
     try:
