@@ -332,12 +332,12 @@ def test_sigkill_at_every_point_of_a_checkpoint_write(tmp_path):
 
 
 def test_sigint_during_training_then_resume(tmp_path, corpus, fast_config):
-    """`gptkit train ... --max-steps 200` in a real process, SIGINT after a few steps: exit 130,
+    """`gptkit train ... --max-steps 60` in a real process, SIGINT after a few steps: exit 130,
     the message says how to resume, last/ holds a resumable checkpoint; `--resume` finishes the
     run from there (metrics continue without repeating a step)."""
     run = tmp_path / "run"
     proc = gptkit(
-        *("train", "--data", str(corpus), *TINY, "--max-steps", "200", "--eval-interval", "1000"),
+        *("train", "--data", str(corpus), *TINY, "--max-steps", "60", "--eval-interval", "1000"),
         *("--config", str(fast_config), "--out", str(run), "--device", "cpu"),
         cwd=tmp_path,
         env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")},
@@ -358,11 +358,11 @@ def test_sigint_during_training_then_resume(tmp_path, corpus, fast_config):
     assert "Traceback" not in err
     assert f"Resume with: gptkit train --out {run} --resume" in err
     stopped_at = int(load_training_state(resolve_checkpoint(run / "last"))["step"])
-    assert 3 <= stopped_at < 200 and f"Interrupted at step {stopped_at}" in err
+    assert 3 <= stopped_at < 60 and f"Interrupted at step {stopped_at}" in err
     load_model(run)
 
     result = gptkit_train("--out", str(run), "--resume")
     assert result.exit_code == 0, result.output
-    assert int(load_training_state(resolve_checkpoint(run / "last"))["step"]) == 200
+    assert int(load_training_state(resolve_checkpoint(run / "last"))["step"]) == 60
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 200
+    assert steps == sorted(set(steps)) and steps[-1] == 60
