@@ -14,7 +14,7 @@ import click
 
 from runtime.errors import ConfigError, require
 
-DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same default
 
 
 @click.command("run")
@@ -102,7 +102,7 @@ def run_command(
     from runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(  # validates every value before the model is loaded
-        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+        max_new_tokens=max_new_tokens,  # None: 200, or what fits in the context
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -113,25 +113,16 @@ def run_command(
     )
     loaded = load(model, device=device, threads=threads)
     if prompt is None:
-        _interactive(loaded, sampling, context, explicit_n=max_new_tokens is not None)
+        _interactive(loaded, sampling, context)
         return
     if prompt == "-":
         prompt = _read_stdin()
-    if not _complete(loaded, prompt, sampling, context, echo, max_new_tokens is not None):
+    if not _complete(loaded, prompt, sampling, context, echo):
         raise SystemExit(130)
 
 
-def _complete(model, prompt: str, sampling, context: str, echo: bool, explicit_n: bool) -> bool:
+def _complete(model, prompt: str, sampling, context: str, echo: bool) -> bool:
     """Stream one continuation to stdout; False when interrupted with Ctrl-C."""
-    import dataclasses
-
-    if not explicit_n and context == "error":
-        # The default is "200, or what fits": a small model's context must not make the plain
-        # `gptkit run` fail. An explicit --max-new-tokens that does not fit is an error.
-        room = model.block_size - max(1, len(model.tokenizer.encode(prompt)))
-        sampling = dataclasses.replace(
-            sampling, max_new_tokens=max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
-        )
     out = sys.stdout
     stream = model.stream(prompt, sampling, context=context)  # errors surface before any output
     started = time.perf_counter()
@@ -169,7 +160,7 @@ def _report(stream, started: float, first: float | None, interrupted: bool) -> N
     click.echo(f"[{n} tokens in {elapsed:.2f} s, {rate:.1f} tok/s{ttft}; {reason}]", err=True)
 
 
-def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
+def _interactive(model, sampling, context: str) -> None:
     """One prompt per line; a bad prompt prints its error and the loop goes on."""
     from runtime.errors import GptkitError
 
@@ -193,7 +184,7 @@ def _interactive(model, sampling, context: str, explicit_n: bool) -> None:
             )
             continue
         try:
-            _complete(model, line, sampling, context, echo=False, explicit_n=explicit_n)
+            _complete(model, line, sampling, context, echo=False)
         except GptkitError as e:
             click.echo(f"Error: {e}", err=True)
 

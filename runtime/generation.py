@@ -15,13 +15,14 @@ prompt-sized forward pass per ``block_size / 4`` generated tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
-from runtime.sampling import SamplingConfig, choose_token, log_softmax
+from runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose_token, log_softmax
 from runtime.session import KVCache, OnnxSession
 from runtime.tokenizer import Tokenizer
 
@@ -67,6 +68,13 @@ class Decoder:
         self._logprobs = logprobs
         self._block = session.metadata.block_size
         self._truncate = context == "truncate"
+        if config.max_new_tokens is None:  # "up to the default, or what fits in the context"
+            longest = max(len(p) for p in prompts)
+            room = self._block - longest if not self._truncate else DEFAULT_MAX_NEW_TOKENS
+            config = dataclasses.replace(
+                config, max_new_tokens=max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
+            )
+            self._config = config
         for i, prompt in enumerate(prompts):
             bad = [t for t in prompt if not 0 <= t < n_vocab]
             if bad:

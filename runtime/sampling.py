@@ -28,12 +28,16 @@ import numpy as np
 
 from runtime.errors import ConfigError
 
+DEFAULT_MAX_NEW_TOKENS = 200
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to generate; shared by the CLI and the API so both have the same defaults."""
 
-    max_new_tokens: int = 200  # prompt + max_new_tokens must fit the context unless truncating
+    # None: up to DEFAULT_MAX_NEW_TOKENS, or what fits in the context. An explicit number must fit
+    # with the prompt (unless truncating): asking for more than fits is an error with the numbers.
+    max_new_tokens: int | None = None
     temperature: float = 0.8  # llama.cpp's default; 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
@@ -52,7 +56,8 @@ class SamplingConfig:
         elif not isinstance(stop, (tuple, list, set, frozenset)):
             raise ConfigError(f"stop must be a string or a list of strings, got {stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        if self.max_new_tokens is not None:
+            _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_int("top_k", self.top_k, minimum=0)
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
