@@ -155,7 +155,8 @@ class CustomDataset(torch.utils.data.Dataset):
         of (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
         rng = np.random.default_rng([seed, epoch])
         phase = int(rng.integers(0, self.block_size))
-        n = max(1, (len(self.ids) - 1 - phase) // self.block_size)
+        # The same count whatever the phase, so every epoch has the same number of full batches.
+        n = max(1, (len(self.ids) - self.block_size) // self.block_size)
         return phase + self.block_size * rng.permutation(n)
 
     def eval_starts(self, max_windows: int | None = None) -> list[int]:
