@@ -242,3 +242,11 @@ def test_loss_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     assert write_loss_plot(metrics, tmp_path / "loss.png") is None
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_loss_plot_with_matplotlib(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
+    assert write_loss_plot(metrics, tmp_path / "loss.png") == str(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
