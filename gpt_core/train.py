@@ -31,7 +31,6 @@ from torch.nn import functional as F
 
 from gpt_core import schedule
 from gpt_core.checkpoint import (
-    DEFAULT_RUN_DIR,
     load_model,
     load_training_state,
     resolve_checkpoint,
@@ -46,76 +45,17 @@ from gpt_core.dataset import (
     token_char_counts,
 )
 from gpt_core.distributed import Distributed
+from gpt_core.metrics import (
+    METRICS_FILE,
+    PLOT_FILE,
+    append_metrics,
+    truncate_metrics,
+    write_loss_plot,
+)
 from gpt_core.model import GPT
+from gpt_core.train_config import DEFAULT_MAX_STEPS, RESUME_FIXED, TrainConfig
 from runtime.errors import CheckpointError, ConfigError
 from runtime.tokenizer import Tokenizer
-
-# small-cpu on Tiny Shakespeare: about ten minutes on two CPU cores (eval included).
-DEFAULT_MAX_STEPS = 600
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
-
-
-@dataclass
-class TrainConfig:
-    """Everything about a run except the model's shape (that is GPTConfig).
-
-    The defaults train the ``small-cpu`` preset on Tiny Shakespeare to about 2.3 bits per
-    character in about ten minutes on two CPU cores (see ``gptkit train``).
-    """
-
-    data: list[str] = field(default_factory=list)  # files or directories; empty = bundled corpus
-    out_dir: str = str(DEFAULT_RUN_DIR)
-    tokenizer: str = "bpe"  # "bpe" (trained on the data), "gpt2", or a saved tokenizer path
-    vocab_size: int = 2048  # for "bpe": small vocabularies train fastest on a CPU
-    batch_size: int = 32  # sequences per micro-batch (over all DDP ranks)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # peak learning rate; small models take a large one
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99  # 0.95 is for long runs; a short run wants the smoother estimate
-    grad_clip: float = 1.0
-    epochs: float | None = None  # one epoch = every training window once
-    max_steps: int | None = None  # wins over epochs; neither given = DEFAULT_MAX_STEPS
-    eval_interval: int = 100  # evaluate, sample and checkpoint every N steps
-    eval_windows: int = 512  # validation windows per evaluation (spread over the split)
-    log_interval: int = 10  # train-loss rows in metrics.jsonl every N steps
-    sample_tokens: int = 100
-    sample_prompt: str = "\n"
-    val_fraction: float = 0.1
-    precision: str = "auto"
-    device: str = "auto"
-    compile: bool = False
-    seed: int = 1337
-    threads: int | None = None  # torch CPU threads; None = PyTorch's default (one per core)
-
-    def validate(self) -> None:
-        positive = ("vocab_size", "batch_size", "grad_accum", "eval_interval", "eval_windows")
-        for name in (*positive, "log_interval", "sample_tokens"):
-            value = getattr(self, name)
-            if value < 0 or (value == 0 and name in positive):
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.precision not in schedule.PRECISIONS:
-            raise ConfigError(
-                f"unknown precision {self.precision!r}; "
-                f"choose one of {', '.join(schedule.PRECISIONS)}"
-            )
-
-
-# The fields a resumed run takes from its checkpoint rather than from the caller: everything that
-# decides which batches come next and what the optimizer does with them.
-RESUME_FIXED = (
-    "data tokenizer vocab_size batch_size grad_accum lr min_lr_ratio warmup_steps weight_decay "
-    "beta1 beta2 grad_clip epochs max_steps val_fraction seed eval_interval eval_windows"
-).split()
 
 
 @dataclass
@@ -170,12 +110,14 @@ def train(
     run_dir = Path(config.out_dir)
     state = None
     if resume:
-        checkpoint = _last_checkpoint(run_dir)
+        checkpoint = last_checkpoint(run_dir)
         state = load_training_state(checkpoint)
         model, tokenizer = load_model(checkpoint)
         saved = state.get("train_config", {})
         config = dataclasses.replace(config, **{k: saved[k] for k in RESUME_FIXED if k in saved})
     config.validate()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
     dist = Distributed.from_env()
 
     def emit(event: Event) -> None:
@@ -233,7 +175,7 @@ def train(
     metrics_path = run_dir / METRICS_FILE
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
     emit(
         Event(
             "start",
@@ -353,11 +295,11 @@ def train(
                     if is_best:
                         best_val, best_bpc = ev["val_loss"], ev["val_bpc"]
                     record.update(val_loss=ev["val_loss"], val_bpc=ev["val_bpc"])
-                    _append_jsonl(metrics_path, record)
+                    append_metrics(metrics_path, record)
                     emit(Event("eval", step, total, {**record, **ev, "best": is_best}))
                     save(is_best)
                 elif dist.is_main and config.log_interval and step % config.log_interval == 0:
-                    _append_jsonl(metrics_path, record)
+                    append_metrics(metrics_path, record)
                 if stopping:
                     interrupted = True
                     emit(Event("interrupted", step, total, {"run_dir": str(run_dir)}))
@@ -422,34 +364,8 @@ def estimate_loss(
     return nats, n_tokens, n_chars
 
 
-def write_loss_plot(metrics_path: Path, out: Path) -> str | None:
-    """A PNG of the train and validation loss; None (and no file) when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = _read_metrics(metrics_path)
-    if not rows:
-        return None
-    val = [r for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return str(out)
-
-
-def _last_checkpoint(run_dir: Path) -> Path:
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from (a one-line error when there is none)."""
     if not (run_dir / "last").exists():
         raise CheckpointError(
             f"nothing to resume in {run_dir} (no last/ checkpoint); "
@@ -487,33 +403,6 @@ def _set_threads(threads: int | None, dist: Distributed) -> None:
         torch.set_num_threads(threads)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return rows
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows past ``step`` (logged after the checkpoint a resume starts from)."""
-    rows = _read_metrics(path)
-    if any(r.get("step", 0) > step for r in rows):
-        from runtime.tokenizer import atomic_write_bytes
-
-        kept = "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step)
-        atomic_write_bytes(path, kept.encode())
-
-
 def _str_or_none(value: str | os.PathLike[str] | None) -> str | None:
     return None if value is None else str(value)
 
@@ -540,4 +429,4 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-__all__ = ["Event", "TrainConfig", "TrainResult", "train"]
+__all__ = ["Event", "TrainConfig", "TrainResult", "train", "write_loss_plot"]

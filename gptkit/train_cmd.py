@@ -22,13 +22,14 @@ DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of sm
     help="Text file or directory of .txt files (repeatable). Default: bundled Tiny Shakespeare.",
 )
 @click.option(
-    "--out", default=DEFAULT_OUT, show_default=True, help="Run directory (checkpoints, metrics)."
+    "--out",
+    show_default=DEFAULT_OUT,
+    help="Run directory (checkpoints, metrics); `gptkit export` looks in runs/default.",
 )
 @click.option(
     "--preset",
-    default=DEFAULT_PRESET,
-    show_default=True,
-    help="Model shape: tiny, small-cpu, gpt2, gpt2-medium.",
+    show_default=DEFAULT_PRESET,
+    help="Model shape: tiny, small-cpu, gpt2, gpt2-medium (flags below change single fields).",
 )
 @click.option(
     "--config",
@@ -60,11 +61,10 @@ DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of sm
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
-    show_default=True,
+    show_default="auto",
     help="auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU and MPS.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--device", show_default="auto", help="auto, cpu, cuda or mps.")
 @click.option("--compile", "use_compile", is_flag=True, help="Use torch.compile.")
 @click.option("--seed", type=int, help="Random seed (training is deterministic on CPU).")
 @click.option(
@@ -79,8 +79,8 @@ DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of sm
 )
 def train_command(
     data: tuple[str, ...] = (),
-    out: str = DEFAULT_OUT,
-    preset: str = DEFAULT_PRESET,
+    out: str | None = None,
+    preset: str | None = None,
     config_file: str | None = None,
     n_layer: int | None = None,
     n_head: int | None = None,
@@ -94,8 +94,8 @@ def train_command(
     epochs: float | None = None,
     max_steps: int | None = None,
     eval_interval: int | None = None,
-    precision: str = "auto",
-    device: str = "auto",
+    precision: str | None = None,
+    device: str | None = None,
     use_compile: bool = False,
     seed: int | None = None,
     tokenizer: str | None = None,
@@ -120,7 +120,8 @@ def train_command(
         )
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_overrides, train_overrides = _read_config_file(config_file, model_fields, train_fields)
+    file_model, file_train = _read_config_file(config_file, model_fields, train_fields)
+    # Flags given on the command line win over the config file, which wins over the defaults.
     cli_model = {
         "n_layer": n_layer,
         "n_head": n_head,
@@ -129,29 +130,32 @@ def train_command(
         "dropout": dropout,
         "init": init_scheme,
     }
-    model_overrides.update({k: v for k, v in cli_model.items() if v is not None})
-    model_config = GPTConfig.preset(preset, **model_overrides)
-
     cli_train = {
+        "data": list(data) or None,
+        "out_dir": out,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "lr": lr,
         "epochs": epochs,
         "max_steps": max_steps,
         "eval_interval": eval_interval,
+        "precision": precision,
+        "device": device,
+        "compile": use_compile or None,
         "seed": seed,
         "tokenizer": tokenizer,
         "vocab_size": vocab_size,
     }
-    train_overrides.update({k: v for k, v in cli_train.items() if v is not None})
-    config = TrainConfig(
-        data=list(data),
-        out_dir=out,
-        precision=precision,
-        device=device,
-        compile=use_compile,
-        **train_overrides,
-    )
+    model_overrides = {**file_model, **{k: v for k, v in cli_model.items() if v is not None}}
+    train_overrides = {**file_train, **{k: v for k, v in cli_train.items() if v is not None}}
+    if isinstance(train_overrides.get("data"), str):
+        train_overrides["data"] = [train_overrides["data"]]
+    config = TrainConfig(**train_overrides)
+    config.validate()
+    out = config.out_dir
+    if resume:
+        _check_resume_shape(Path(out), preset, model_overrides)
+    model_config = GPTConfig.preset(preset or DEFAULT_PRESET, **model_overrides)
 
     display = _Display()
     try:
@@ -189,6 +193,9 @@ def _read_config_file(
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
+    for section in ("model", "train"):
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f'config file {path}: "{section}" must be a JSON object of fields')
     flat = {**data.pop("model", {}), **data.pop("train", {}), **data}
     unknown = set(flat) - model_fields - train_fields
     if unknown:
@@ -196,6 +203,25 @@ def _read_config_file(
     model = {k: v for k, v in flat.items() if k in model_fields}
     train = {k: v for k, v in flat.items() if k in train_fields}
     return model, train
+
+
+def _check_resume_shape(run_dir: Path, preset: str | None, overrides: dict) -> None:
+    """A resumed run keeps its model: a shape flag that disagrees is an error, not ignored."""
+    from gpt_core.checkpoint import read_config
+    from gpt_core.config import GPTConfig
+    from gpt_core.train import last_checkpoint
+
+    if not overrides and preset is None:
+        return
+    saved = read_config(last_checkpoint(run_dir)).get("model", {})
+    wanted = GPTConfig.preset(preset).to_dict() if preset else {}
+    wanted.pop("vocab_size", None)  # set by the tokenizer, not by the preset
+    for key, value in {**wanted, **overrides}.items():
+        if key in saved and saved[key] != value:
+            raise ConfigError(
+                f"the run in {run_dir} has {key} {saved[key]}, not {value}; --resume keeps the "
+                f"model's shape (drop the flag, or start a new run with --init-from {run_dir})"
+            )
 
 
 class _Display:

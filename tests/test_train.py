@@ -250,3 +250,15 @@ def test_loss_plot_with_matplotlib(tmp_path) -> None:
     metrics.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
     assert write_loss_plot(metrics, tmp_path / "loss.png") == str(tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_drops_metrics_past_the_checkpoint_and_cut_lines(tmp_path) -> None:
+    from gpt_core.metrics import append_metrics, read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n{"step": 3, "lo')
+    truncate_metrics(path, 2)  # the crash cut step 3's line; the checkpoint is at step 2
+    append_metrics(path, {"step": 3, "loss": 2.8})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n'

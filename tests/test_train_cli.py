@@ -149,3 +149,28 @@ def test_undecodable_data_and_bad_config_files(runner, tmp_path) -> None:
 def test_resume_and_init_from_together_is_a_usage_error(runner) -> None:
     result = runner.invoke(cli, ["train", "--resume", "--init-from", "x"])
     assert result.exit_code == 2 and "cannot be combined" in result.output
+
+
+def test_config_file_fields_yield_to_flags(runner, corpus, tmp_path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps({"data": str(corpus), "out_dir": "from-file", "max_steps": 2, "seed": 3})
+    )
+    result = runner.invoke(cli, ["train", *TINY, "--config", str(config), "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "from-file" / "last" / "config.json").read_text())["train"]
+    assert (train["data"], train["seed"], train["max_steps"]) == ([str(corpus)], 4, 2)
+    config.write_text(json.dumps({"train": {"lr": "fast"}}))
+    assert_one_line_error(
+        runner.invoke(cli, ["train", "--config", str(config)]),
+        "training field lr must be a number, got 'fast'",
+    )
+
+
+def test_resume_refuses_a_different_shape(runner, corpus) -> None:
+    args = ["train", "--data", str(corpus), "--out", "r", *TINY, "--max-steps", "2"]
+    assert runner.invoke(cli, args).exit_code == 0
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--n-embd", "128"])
+    assert_one_line_error(result, "the run in r has n_embd 64, not 128", "--init-from r")
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--block-size", "32"])
+    assert result.exit_code == 0, result.output  # the same value is fine
