@@ -154,7 +154,7 @@ def train_command(
     config.validate()
     out = config.out_dir
     if resume:
-        _check_resume_shape(Path(out), preset, model_overrides)
+        _check_resume(Path(out), preset, model_overrides, train_overrides)
     model_config = GPTConfig.preset(preset or DEFAULT_PRESET, **model_overrides)
 
     display = _Display()
@@ -205,23 +205,25 @@ def _read_config_file(
     return model, train
 
 
-def _check_resume_shape(run_dir: Path, preset: str | None, overrides: dict) -> None:
-    """A resumed run keeps its model: a shape flag that disagrees is an error, not ignored."""
+def _check_resume(run_dir: Path, preset: str | None, model: dict, train: dict) -> None:
+    """A resumed run keeps its model and schedule: a flag that disagrees is an error, not ignored."""
     from gpt_core.checkpoint import read_config
     from gpt_core.config import GPTConfig
-    from gpt_core.train import last_checkpoint
+    from gpt_core.train import RESUME_FIXED, last_checkpoint
 
-    if not overrides and preset is None:
-        return
-    saved = read_config(last_checkpoint(run_dir)).get("model", {})
+    saved = read_config(last_checkpoint(run_dir))
     wanted = GPTConfig.preset(preset).to_dict() if preset else {}
     wanted.pop("vocab_size", None)  # set by the tokenizer, not by the preset
-    for key, value in {**wanted, **overrides}.items():
-        if key in saved and saved[key] != value:
-            raise ConfigError(
-                f"the run in {run_dir} has {key} {saved[key]}, not {value}; --resume keeps the "
-                f"model's shape (drop the flag, or start a new run with --init-from {run_dir})"
-            )
+    checks = [(saved.get("model", {}), {**wanted, **model})]
+    checks.append((saved.get("train", {}), {k: v for k, v in train.items() if k in RESUME_FIXED}))
+    for saved_fields, asked in checks:
+        for key, value in asked.items():
+            if key in saved_fields and saved_fields[key] != value:
+                raise ConfigError(
+                    f"the run in {run_dir} has {key} {saved_fields[key]}, not {value}; --resume "
+                    f"keeps the run's settings (drop the flag, or start a new run with "
+                    f"--init-from {run_dir})"
+                )
 
 
 class _Display:

@@ -172,5 +172,7 @@ def test_resume_refuses_a_different_shape(runner, corpus) -> None:
     assert runner.invoke(cli, args).exit_code == 0
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--n-embd", "128"])
     assert_one_line_error(result, "the run in r has n_embd 64, not 128", "--init-from r")
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "9"])
+    assert_one_line_error(result, "the run in r has max_steps 2, not 9")
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--block-size", "32"])
     assert result.exit_code == 0, result.output  # the same value is fine
