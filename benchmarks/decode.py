@@ -511,6 +511,7 @@ def run_benchmark(plan: Plan, log) -> dict:
         "shapes": shapes,
         "notes": plan.notes,
         "seconds": time.perf_counter() - started,
+        "load_avg_end": os.getloadavg(),
     }
 
 
@@ -802,7 +803,8 @@ class Report:
             "",
             f"- CPU: {m['cpu']} ({m['simd']}), {m['cores']} cores, {m['memory_gb']} GB RAM; "
             f"Python {m['python']}; {m['platform']}",
-            f"- load average at start: {' '.join(f'{x:.2f}' for x in m['load_avg'])}",
+            f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in m['load_avg'])}; "
+            f"at the end: {' '.join(f'{x:.2f}' for x in d['load_avg_end'])}",
             f"- memory bandwidth (numpy, 512 MB arrays, best of 7): read {bw['sum_2t']:.1f} GB/s with 2 "
             f"threads ({bw['sum_1t']:.1f} with 1); copy {bw['copy_2t']:.1f} GB/s read+write with 2 threads "
             f"({bw['copy_1t']:.1f} with 1). The floor uses the 2-thread read figure.",
