@@ -171,10 +171,11 @@ def train_command(
             err=True,
         )
         raise SystemExit(130)
+    export = "gptkit export" if out == DEFAULT_OUT else f"gptkit export --checkpoint {out}"
     click.echo(
         f"Saved to {Path(out) / 'best'} (last step: {Path(out) / 'last'}); validation "
         f"{result.best_val_bpc:.3f} bits/char (loss {result.best_val_loss:.3f}), "
-        f"{result.step} steps in {result.seconds / 60:.1f} min. Next: gptkit export",
+        f"{result.step} steps in {result.seconds / 60:.1f} min. Next: {export}",
         err=True,
     )
 
