@@ -809,7 +809,8 @@ class Report:
             f"- CPU: {m['cpu']} ({m['simd']}), {m['cores']} cores, {m['memory_gb']} GB RAM; "
             f"Python {m['python']}; {m['platform']}",
             f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in m['load_avg'])}; "
-            f"at the end: {' '.join(f'{x:.2f}' for x in d['load_avg_end'])}",
+            f"at the end: {' '.join(f'{x:.2f}' for x in d['load_avg_end'])} (the benchmark's own "
+            "2 threads account for up to 2 of it)",
             f"- memory bandwidth (numpy, 512 MB arrays, best of 7): read {bw['sum_2t']:.1f} GB/s with 2 "
             f"threads ({bw['sum_1t']:.1f} with 1); copy {bw['copy_2t']:.1f} GB/s read+write with 2 threads "
             f"({bw['copy_1t']:.1f} with 1). The floor uses the 2-thread read figure.",
