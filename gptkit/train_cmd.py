@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -250,7 +251,7 @@ class _Display:
                 initial=event.step,
                 unit="step",
                 dynamic_ncols=True,
-                file=click.get_text_stream("stderr"),
+                file=sys.stderr,
             )
         elif event.kind == "step" and self.bar is not None:
             d = event.data
@@ -277,7 +278,7 @@ class _Display:
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(text, file=click.get_text_stream("stderr"))
+            self.bar.write(text, file=sys.stderr)
         else:
             click.echo(text, err=True)
 
