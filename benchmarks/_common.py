@@ -274,12 +274,9 @@ def write_genai_config(
 
 def onnx_io_names(n_layer: int) -> tuple[list[str], list[str]]:
     """The Optimum / onnxruntime-genai names every gptkit export uses."""
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(n_layer):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+    from export.onnx_export import input_names, output_names
+
+    return input_names(n_layer), output_names(n_layer)
 
 
 def bench_tokenizer(vocab_size: int):
@@ -373,109 +370,12 @@ def prepare_artifacts(
 
 
 def _export(model, tokenizer, path: Path, precision: str, exporter: str) -> tuple[str, str]:
-    """Export with gptkit's exporter; on failure (exporter="auto") with the benchmark's own."""
-    note = ""
-    if exporter in ("auto", "gptkit"):
-        try:
-            from export.onnx_export import ExportOptions, export_onnx
+    """Export with gptkit's own exporter, as a user would (``exporter`` is kept for the CLI)."""
+    from export.onnx_export import ExportOptions, export_onnx
 
-            options = ExportOptions(quantize="int8" if precision == "int8" else None)
-            export_onnx(model, tokenizer, path, options=options, source="benchmarks")
-            return "gptkit export_onnx", note
-        except Exception as e:  # the exporter is young: keep benchmarking with the fallback
-            if exporter == "gptkit":
-                raise
-            note = f"gptkit exporter failed ({type(e).__name__}: {str(e)[:200]})"
-    _fallback_export(model, tokenizer, path, precision)
-    return "benchmark fallback (torch.onnx.export)", note
-
-
-def _fallback_export(model, tokenizer, path: Path, precision: str) -> None:
-    """torch.onnx.export (TorchScript) with gptkit's I/O names and metadata.
-
-    fp32 stores the tied embedding once (the head reads Transpose(wte)); int8 keeps the folded
-    transposed head as its own initializer and quantises every MatMul weight (dynamic, QInt8).
-    """
-    import io
-
-    import onnx
-    import torch
-    from onnx import helper
-
-    from runtime.metadata import LOGITS_ALL, ModelMetadata
-
-    cfg = model.config
-    names_in, names_out = onnx_io_names(cfg.n_layer)
-
-    class Flat(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            pairs = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
-            out = self.model(
-                input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=pairs,
-            )
-            return (out.logits, *[t for pair in out.past_key_values for t in pair])
-
-    batch, seq, past = 2, 3, 4
-    example = (
-        torch.randint(0, cfg.vocab_size, (batch, seq)),
-        torch.ones(batch, past + seq, dtype=torch.long),
-        torch.arange(past, past + seq).expand(batch, seq),
-        *[torch.zeros(batch, cfg.n_head, past, cfg.head_dim) for _ in names_in[3:]],
-    )
-    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
-    dynamic["attention_mask"] = {0: "batch", 1: "total"}
-    dynamic["logits"] = {0: "batch", 1: "seq"}
-    dynamic.update({name: {0: "batch", 2: "past"} for name in names_in[3:]})
-    dynamic.update({name: {0: "batch", 2: "total"} for name in names_out[1:]})
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        Flat().eval(),
-        example,
-        buffer,
-        input_names=names_in,
-        output_names=names_out,
-        dynamic_axes=dynamic,
-        opset_version=17,
-        do_constant_folding=True,
-        dynamo=False,
-    )
-    proto = onnx.load_from_string(buffer.getvalue())
-    graph = proto.graph
-    if precision == "fp32":  # replace the folded copy of wte^T by a Transpose of wte
-        inits = {i.name: i for i in graph.initializer}
-        wte = next(i for i in graph.initializer if i.name.endswith("wte.weight"))
-        for node in graph.node:
-            head = inits.get(node.input[-1]) if node.op_type == "MatMul" else None
-            if head is not None and list(head.dims) == list(wte.dims)[::-1]:
-                graph.initializer.remove(head)
-                transpose = helper.make_node("Transpose", [wte.name], [head.name], perm=[1, 0])
-                graph.node.insert(0, transpose)
-                break
-    meta = ModelMetadata(
-        config=cfg.to_dict(),
-        tokenizer=tokenizer,
-        export={"logits": LOGITS_ALL, "dtype": "fp32", "quantize": None, "exporter": "benchmarks"},
-    )
-    for key, value in meta.to_props().items():
-        proto.metadata_props.add(key=key, value=value)
-    if precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "fp32.onnx"
-            onnx.save(proto, src)
-            quantize_dynamic(
-                src, path, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8
-            )
-        return
-    onnx.save(proto, path)
+    options = ExportOptions(quantize="int8" if precision == "int8" else None)
+    export_onnx(model, tokenizer, path, options=options, source="benchmarks")
+    return "gptkit export_onnx", ""
 
 
 def runtime_tokens(model, rows: list[list[int]], new_tokens: int):

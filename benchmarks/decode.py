@@ -887,7 +887,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--exporter",
-        choices=("auto", "gptkit", "fallback"),
+        choices=("auto", "gptkit"),
         default="auto",
         help="auto: gptkit's export_onnx, the benchmark's own torch.onnx.export if it fails",
     )
