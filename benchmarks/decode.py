@@ -889,7 +889,7 @@ def main(argv: list[str] | None = None) -> None:
         "--exporter",
         choices=("auto", "gptkit"),
         default="auto",
-        help="auto: gptkit's export_onnx, the benchmark's own torch.onnx.export if it fails",
+        help="both mean gptkit's own export_onnx (kept for old scripts)",
     )
     parser.add_argument(
         "--rebuild", action="store_true", help="re-create weights and exports even if cached"
