@@ -30,5 +30,5 @@ def test_no_arguments_trains_exports_and_runs(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "default" / "best" / "model.safetensors").exists()
     assert (tmp_path / "model.onnx").stat().st_size > 0
-    assert "parity" in result.stderr.lower() and "tokens in" in result.stderr
+    assert "parity" in result.output.lower() and "tokens in" in result.stderr
     assert result.stdout.strip(), "the run step printed no continuation"
