@@ -73,3 +73,22 @@ def runner() -> CliRunner:
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token cache and working directory in tmp_path: nothing lands in the repo or in ~.
+
+    Test modules that train or tokenize opt in with
+    ``pytestmark = pytest.mark.usefixtures("isolated_dirs")``.
+    """
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, shakespeare: str) -> Path:
+    """20 KB of Tiny Shakespeare as a text file: enough for a tiny model's corpus."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(shakespeare[:20_000], encoding="utf-8")
+    return path

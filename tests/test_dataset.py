@@ -33,13 +33,6 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture
-def corpus(tmp_path: Path, shakespeare: str) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(shakespeare[:20_000], encoding="utf-8")
-    return path
-
-
 def one_line(error: pytest.ExceptionInfo) -> str:
     message = str(error.value)
     assert "\n" not in message and message

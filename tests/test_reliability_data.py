@@ -32,11 +32,7 @@ from runtime.errors import DataError  # noqa: E402
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Token cache and working directory in tmp_path: nothing lands in the repo or in ~."""
-    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
 def train_on(*data: Path | str):

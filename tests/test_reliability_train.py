@@ -33,18 +33,7 @@ TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-
 FAST = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1}  # cheap evaluations
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Token cache and working directory in tmp_path: nothing lands in the repo or in ~."""
-    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, shakespeare: str) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(shakespeare[:20_000], encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
 @pytest.fixture

@@ -23,17 +23,7 @@ ISSUE_FLAGS = (
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, shakespeare: str) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(shakespeare[:20_000], encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
