@@ -43,6 +43,7 @@ DEFAULT_OPSET = 17  # first opset with LayerNormalization; what ORT's transforme
 SUPPORTED_OPSETS = range(14, 21)  # 14: first with SDPA's ops; 20: the TorchScript exporter's last
 DTYPES = ("fp32", "fp16")
 QUANTIZE = (None, "int8")
+KV_CACHES = ("concat", "inplace")  # standard ONNX, or ORT's fused attention writing in place
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's hard limit for one serialised message
 HEAD_TRANSPOSE = "lm_head/Transpose"  # the node through which the output head reads wte
 
@@ -86,6 +87,7 @@ class ExportOptions:
     dtype: str = "fp32"
     quantize: str | None = None
     optimize: bool = False
+    kv_cache: str = "concat"
 
     @property
     def variant(self) -> str:
@@ -103,6 +105,8 @@ class ExportOptions:
             raise ExportError(f"unknown dtype {self.dtype!r}; choose fp32 or fp16")
         if self.quantize not in QUANTIZE:
             raise ExportError(f"unknown quantization {self.quantize!r}; the only one is int8")
+        if self.kv_cache not in KV_CACHES:
+            raise ExportError(f"unknown KV cache {self.kv_cache!r}; choose concat or inplace")
         if self.dtype == "fp16" and self.quantize:
             raise ExportError(
                 "--dtype fp16 and --quantize int8 cannot be combined; int8 keeps fp32 "
@@ -147,7 +151,7 @@ def export_onnx(
             f"the tokenizer has {tokenizer.n_vocab} ids but the model only {cfg.vocab_size}; "
             "they do not belong together"
         )
-    proto = trace(model, options.opset)
+    proto = trace(model, options.opset, kv_cache=options.kv_cache)
     tie_embedding(proto)
     notes: list[str] = []
     fusions: dict[str, int] = {}
@@ -184,6 +188,7 @@ def export_onnx(
             "quantize": options.quantize,
             "optimize": options.optimize,
             "fusions": fusions,
+            "kv_cache": options.kv_cache,
             "exporter": "torch.onnx.export(dynamo=False)",
             "n_params": model.num_params(),
             "gptkit_version": _gptkit_version(),
@@ -221,12 +226,16 @@ def signature(proto: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def trace(model: GPT, opset: int) -> onnx.ModelProto:
+def trace(model: GPT, opset: int, *, kv_cache: str = "concat") -> onnx.ModelProto:
     """Trace the cached forward of an fp32 eval-mode copy, with every axis dynamic.
 
     Example sizes are >= 2 (batch 2, seq 3, past 4), never 0 or 1: exporters treat those as
     constants. The exported graph is tested at past 0 and 1 and seq 1 afterwards.
+    ``kv_cache="inplace"`` traces the fused-attention wrapper of ``export.inplace_cache``.
     """
+    from export.inplace_cache import InplaceCachedDecoder, place_gqa_inputs
+
+    wrapper = InplaceCachedDecoder if kv_cache == "inplace" else CachedDecoder
     cfg = model.config
     traced = _fp32_cpu(model)
     was_training = traced.training
@@ -254,7 +263,7 @@ def trace(model: GPT, opset: int) -> onnx.ModelProto:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen shape: fail loudly
             torch.onnx.export(
-                CachedDecoder(traced).eval(),  # the exporter restores this wrapper's mode
+                wrapper(traced).eval(),  # the exporter restores this wrapper's mode
                 (ids, mask, positions, *cache),
                 buffer,
                 input_names=names_in,
@@ -262,6 +271,7 @@ def trace(model: GPT, opset: int) -> onnx.ModelProto:
                 dynamic_axes=dynamic,
                 opset_version=opset,
                 do_constant_folding=True,
+                custom_opsets={"com.microsoft": 1} if kv_cache == "inplace" else None,
                 dynamo=False,
             )
     except torch.jit.TracerWarning as e:
@@ -272,6 +282,8 @@ def trace(model: GPT, opset: int) -> onnx.ModelProto:
     finally:
         traced.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
+    if kv_cache == "inplace" and place_gqa_inputs(proto.graph) != cfg.n_layer:
+        raise ExportError("the fused-attention trace did not produce one attention op per layer")
     proto.producer_name = "gptkit"
     proto.producer_version = _gptkit_version()
     return proto

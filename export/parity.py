@@ -45,7 +45,7 @@ class ParityReport:
         out = [f"Parity with PyTorch ({self.variant}, tolerance {self.tolerance:g}):"]
         for name, diff in self.max_diff.items():
             flag = "ok" if diff <= self.tolerance else "OVER"
-            out.append(f"  {name:<28} max |diff| {diff:.2e}  {flag}")
+            out.append(f"  {name:<40} max |diff| {diff:.2e}  {flag}")
         out.append(
             f"  argmax agreement {self.argmax_agreement:.3f}; "
             f"greedy {self.greedy_match}/{self.greedy_total} tokens identical"
@@ -146,7 +146,11 @@ def verify_parity(
     mask = np.ones((batch, prompt_len), dtype=np.int64)
     if batch > 1:
         mask[-1, : prompt_len // 3] = 0  # left padding on the last row
-    ort_past = empty_cache(session, batch)
+    steppers = {"": ConcatStepper(session, batch)}
+    if _is_inplace(session):  # also the runtime's own path: one buffer shared by past and present
+        steppers[", shared buffer"] = SharedBufferStepper(
+            onnx_path, batch, prompt_len + decode_steps
+        )
     torch_past = None
     agree, total = 0, 0
     new_ids = ids
@@ -162,17 +166,17 @@ def verify_parity(
                     use_cache=True,
                 )
             torch_past = out.past_key_values
-            logits, presents, ort_past = run_step(session, new_ids, mask, positions, ort_past)
-            where = "prompt" if step == 0 else f"decode step {step}"
             ref_logits = out.logits.numpy()
-            _compare(report, f"logits ({where})", [ref_logits], [logits])
             ref_presents = [t.numpy() for pair in torch_past for t in pair]
-            _compare(report, f"present.* ({where})", ref_presents, presents)
-            real = mask[:, -new_ids.shape[1] :].astype(bool)  # padded positions are never used
-            ref_top = ref_logits.argmax(-1)
-            agree += int((ref_top == logits.argmax(-1))[real].sum())
-            total += int(real.sum())
-            new_ids = ref_top[:, -1:].astype(np.int64)  # both sides continue with PyTorch's choice
+            where = "prompt" if step == 0 else f"decode step {step}"
+            for suffix, stepper in steppers.items():
+                logits, presents = stepper(new_ids, mask, positions)
+                _compare(report, f"logits ({where}{suffix})", [ref_logits], [logits])
+                _compare(report, f"present.* ({where}{suffix})", ref_presents, presents)
+                real = mask[:, -new_ids.shape[1] :].astype(bool)  # padded positions: never used
+                agree += int((ref_logits.argmax(-1) == logits.argmax(-1))[real].sum())
+                total += int(real.sum())
+            new_ids = ref_logits.argmax(-1)[:, -1:].astype(np.int64)  # both follow PyTorch
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
 
         report.argmax_agreement = agree / max(total, 1)
@@ -193,6 +197,41 @@ def verify_parity(
             f"ONNX Runtime disagrees with PyTorch ({variant}): " + "; ".join(report.failures)
         )
     return report
+
+
+class ConcatStepper:
+    """Feeds the graph its own presents back as the next past (the standard ONNX contract)."""
+
+    def __init__(self, session, batch: int) -> None:
+        self.session = session
+        self.past = empty_cache(session, batch)
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, list]:
+        logits, presents, self.past = run_step(
+            self.session, input_ids, attention_mask, position_ids, self.past
+        )
+        return logits, presents
+
+
+class SharedBufferStepper:
+    """The runtime's in-place path: past and present bound to one buffer per layer and kind."""
+
+    def __init__(self, path: str | os.PathLike[str], batch: int, capacity: int) -> None:
+        from runtime.session import OnnxSession
+
+        self.session = OnnxSession(path)
+        self.cache = self.session.empty_cache(batch, capacity=capacity)
+
+    def __call__(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, list]:
+        logits, self.cache = self.session.run(input_ids, attention_mask, position_ids, self.cache)
+        return logits, [buffer[:, :, : self.cache.length] for buffer in self.cache.values]
+
+
+def _is_inplace(session) -> bool:
+    from runtime.metadata import KV_INPLACE, ModelMetadata
+
+    props = session.get_modelmeta().custom_metadata_map
+    return ModelMetadata.from_props(props).kv_cache == KV_INPLACE
 
 
 class _eval_fp32:

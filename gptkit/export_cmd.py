@@ -42,6 +42,14 @@ from runtime.errors import require
     is_flag=True,
     help="Save ONNX Runtime's transformer fusions into the file (then ONNX Runtime only).",
 )
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["concat", "inplace"]),
+    default="concat",
+    show_default=True,
+    help="inplace: attention as ONNX Runtime's GroupQueryAttention, the cache written in place "
+    "(faster decoding, flat per-step cost; the file then needs ONNX Runtime).",
+)
 def export_command(
     output: str = "model.onnx",
     checkpoint: str | None = None,
@@ -50,6 +58,7 @@ def export_command(
     dtype: str = "fp32",
     quantize: str | None = None,
     optimize: bool = False,
+    kv_cache: str = "concat",
 ) -> None:
     """Export a trained model to OUTPUT (default model.onnx) with a KV cache.
 
@@ -65,7 +74,9 @@ def export_command(
 
     if checkpoint and hf_dir:
         raise click.UsageError("give either --checkpoint or --hf, not both")
-    options = ExportOptions(opset=opset, dtype=dtype, quantize=quantize, optimize=optimize)
+    options = ExportOptions(
+        opset=opset, dtype=dtype, quantize=quantize, optimize=optimize, kv_cache=kv_cache
+    )
     options.validate()
     target = Path(output)
     check_target(target)  # before loading anything: a bad path should fail in a second
@@ -99,7 +110,7 @@ def export_command(
     click.echo(
         f"Wrote {target}: {result.size_bytes / 1e6:.2f} MB "
         f"({params_mb:.2f} MB of fp32 parameters, opset {opset}, {options.variant}"
-        f"{', optimized' if optimize else ''}) in {result.export_seconds:.1f} s"
+        f"{', optimized' if optimize else ''}{', in-place KV cache' if kv_cache == 'inplace' else ''}) in {result.export_seconds:.1f} s"
     )
     for title, names in (("inputs", result.inputs), ("outputs", result.outputs)):
         click.echo(f"  {title}:")

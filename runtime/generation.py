@@ -140,7 +140,11 @@ class Decoder:
             mask[b, width - len(window) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         session = self._session
-        logits, cache = session.run(ids, mask, positions, session.empty_cache(len(windows)))
+        # What this generation can reach: the window plus the tokens still to come (a whole
+        # block when truncating, since it re-prefills whenever the window fills up).
+        room = self._block if self._truncate else width + self._config.max_new_tokens
+        cache = session.empty_cache(len(windows), capacity=room)
+        logits, cache = session.run(ids, mask, positions, cache)
         return logits[:, -1, :], cache, mask
 
     def _extend(

@@ -31,6 +31,12 @@ REQUIRED_CONFIG_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_em
 LOGITS_ALL = "all"
 LOGITS_LAST = "last"
 
+# ``export["kv_cache"]``: "concat" (standard ONNX: present = past + new, a new tensor every step) or
+# "inplace" (ONNX Runtime's GroupQueryAttention: present may share the past's buffer and is then
+# written in place; without sharing it behaves like "concat").
+KV_CONCAT = "concat"
+KV_INPLACE = "inplace"
+
 
 @dataclass(frozen=True)
 class ModelMetadata:
@@ -61,6 +67,10 @@ class ModelMetadata:
     @property
     def logits(self) -> str:
         return str(self.export.get("logits", LOGITS_ALL))
+
+    @property
+    def kv_cache(self) -> str:
+        return str(self.export.get("kv_cache", KV_CONCAT))
 
     def to_props(self) -> dict[str, str]:
         """The string properties to store in the ONNX file."""

@@ -1,0 +1,125 @@
+"""The ``--kv-cache inplace`` graph: attention fused into ONNX Runtime's GroupQueryAttention.
+
+The default export concatenates past and new keys/values in every layer at every step, so a
+decode step copies the whole cache (ISSUE 6 profile: ~10 ms of a 28 ms gpt2 step at position 1000).
+This variant keeps the same inputs and outputs but computes attention with the ``com.microsoft``
+contrib op GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head attention), which
+
+* reads the packed c_attn output directly (no split/reshape/transpose/softmax nodes per layer);
+* writes the new keys/values *into* the past buffer when ``past_key_values.{i}.*`` and
+  ``present.{i}.*`` are bound to the same OrtValue of capacity ``max_length`` (buffer sharing, as
+  onnxruntime-genai's ``past_present_share_buffer``), so a step costs what its new token costs;
+* still behaves like the default graph when they are not shared: a past of length P gives a
+  present of length P + T. Parity checks and other callers can use it exactly like the default.
+
+Positions: the total length S is the attention mask's width, so ``seqlens_k = S - 1`` for every
+row and new tokens land at cache rows [S - T, S). Left padding is kept in the cache (as in the
+default graph) and masked by the model's own additive mask, passed as ``attention_bias``.
+
+The file needs ONNX Runtime (the contrib op is not standard ONNX), which is why it is an option.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from gpt_core.model import GPT, attention_bias
+
+GQA_OP = "GroupQueryAttention"
+GQA_DOMAIN = "com.microsoft"
+# GroupQueryAttention's input slots: query, key, value, past_key, past_value, seqlens_k,
+# total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias. Unused ones are "".
+_GQA_SLOTS = (0, 3, 4, 5, 6, 10)
+_GQA_ARITY = 11
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Eager: what GroupQueryAttention computes (concat semantics). Traced: the contrib op."""
+
+    @staticmethod
+    def forward(
+        ctx, qkv, past_key, past_value, seqlens_k, total_length, bias, n_head: int, head_dim: int
+    ):
+        # Shape-free on purpose: under the tracer, sizes are tensors.
+        q, k, v = (t.unflatten(-1, (n_head, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        k = torch.cat([past_key, k], dim=2)
+        v = torch.cat([past_value, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return y.transpose(1, 2).flatten(2), k, v
+
+    @staticmethod
+    def symbolic(
+        g, qkv, past_key, past_value, seqlens_k, total_length, bias, n_head: int, head_dim: int
+    ):
+        # Inputs are compacted here; place_gqa_inputs() moves them to their slots afterwards
+        # (the TorchScript exporter has no clean way to spell an omitted optional input).
+        output, present_key, present_value = g.op(
+            f"{GQA_DOMAIN}::{GQA_OP}",
+            qkv,
+            past_key,
+            past_value,
+            seqlens_k,
+            total_length,
+            bias,
+            num_heads_i=n_head,
+            kv_num_heads_i=n_head,
+            outputs=3,
+        )
+        # Declared types, so the exporter's shape inference does not have to guess.
+        output.setType(qkv.type().with_sizes([None, None, n_head * head_dim]))
+        for present in (present_key, present_value):
+            present.setType(past_key.type().with_sizes([None, n_head, None, head_dim]))
+        return output, present_key, present_value
+
+
+class InplaceCachedDecoder(torch.nn.Module):
+    """The GPT's cached forward with fused attention; same flat signature as CachedDecoder.
+
+    Mirrors ``GPT.forward`` block by block (embeddings, pre-LN blocks, final LN, tied head), so
+    the weights and their names are the model's own; parity against ``GPT`` is checked on export.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        transformer = self.model.transformer
+        n_head, head_dim = self.model.config.n_head, self.model.config.head_dim
+        T, S = input_ids.shape[1], attention_mask.shape[1]
+        total = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # past + new
+        seqlens_k = torch.zeros_like(attention_mask[:, 0], dtype=torch.int32) + (total - 1)
+        # The model's own (B, 1, T, S) mask: padding and causality. The op applies causality
+        # itself as well; passing it twice costs nothing and keeps one definition of the mask.
+        bias = attention_bias(attention_mask, T, S, transformer.wte.weight.dtype, input_ids.device)
+
+        x = transformer.wte(input_ids) + transformer.wpe(position_ids)
+        presents = []
+        for i, block in enumerate(transformer.h):
+            attn = block.attn
+            qkv = attn.c_attn(block.ln_1(x))
+            y, key, value = _FusedAttention.apply(
+                qkv, past[2 * i], past[2 * i + 1], seqlens_k, total, bias, n_head, head_dim
+            )
+            x = x + attn.c_proj(y)
+            x = x + block.mlp(block.ln_2(x))
+            presents += [key, value]
+        logits = self.model.lm_head(transformer.ln_f(x))
+        return (logits, *presents)
+
+
+def place_gqa_inputs(graph) -> int:
+    """Move each traced GroupQueryAttention's inputs to their real slots; returns how many."""
+    count = 0
+    for node in graph.node:
+        if node.op_type != GQA_OP or node.domain != GQA_DOMAIN:
+            continue
+        given = list(node.input)
+        slots = [""] * _GQA_ARITY
+        for slot, name in zip(_GQA_SLOTS, given, strict=True):
+            slots[slot] = name
+        del node.input[:]
+        node.input.extend(slots)
+        count += 1
+    return count
