@@ -123,3 +123,41 @@ def place_gqa_inputs(graph) -> int:
         node.input.extend(slots)
         count += 1
     return count
+
+
+def head_reads_embedding(proto) -> bool:
+    """Make the tied output head read wte itself: FusedMatMul(x, wte, transB=1).
+
+    The default graph's head is MatMul(x, Transpose(wte)); ONNX Runtime constant-folds that
+    Transpose at load into a second copy of the embedding (154 MB for gpt2, in memory and in any
+    saved optimised graph). com.microsoft FusedMatMul transposes on the fly instead. Returns
+    whether the head was found (fp32 graphs; int8 quantises an untied head, fp16 keeps the
+    standard form).
+    """
+    from onnx import helper
+
+    from export.onnx_export import HEAD_TRANSPOSE
+
+    graph = proto.graph
+    transpose = next((n for n in graph.node if n.name == HEAD_TRANSPOSE), None)
+    if transpose is None:
+        return False
+    head = next(
+        (n for n in graph.node if n.op_type == "MatMul" and transpose.output[0] in n.input), None
+    )
+    if head is None:
+        return False
+    fused = helper.make_node(
+        "FusedMatMul",
+        [head.input[0], transpose.input[0]],
+        list(head.output),
+        name="lm_head/FusedMatMul",
+        domain=GQA_DOMAIN,
+        transB=1,
+        alpha=1.0,
+    )
+    index = list(graph.node).index(head)
+    graph.node.remove(head)
+    graph.node.insert(index, fused)
+    graph.node.remove(transpose)
+    return True

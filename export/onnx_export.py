@@ -174,6 +174,10 @@ def export_onnx(
         proto = to_fp16(proto)
         tie_embedding(proto)  # the converter may fold the head's Transpose into a second copy
         notes.append("fp16: weights and KV cache fp16; LayerNorm, Softmax and logits fp32")
+    elif options.kv_cache == "inplace":
+        from export.inplace_cache import head_reads_embedding
+
+        head_reads_embedding(proto)
 
     meta = ModelMetadata(
         config=cfg.to_dict(),

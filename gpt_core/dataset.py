@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from runtime.errors import DataError
+from runtime.paths import gptkit_cache_dir
 from runtime.tokenizer import Tokenizer, atomic_write_bytes
 
 CHUNK_BYTES = 1 << 20  # tokenize 1 MiB at a time (split at a line boundary)
@@ -28,10 +29,7 @@ BUNDLED_CORPUS = "tinyshakespeare.txt.gz"
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("GPTKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkit"
-    )
-    return Path(base) / "tokens"
+    return gptkit_cache_dir() / "tokens"
 
 
 def bundled_corpus_path() -> Path:

@@ -118,7 +118,20 @@ def export_command(
             click.echo(f"    {name:<36} {shape}")
     for note in result.notes:
         click.echo(f"  {note}")
+    _warm_load_cache(target)
     click.echo(f'Next: gptkit run --model {target} --prompt "ROMEO:"', err=True)
+
+
+def _warm_load_cache(target: Path) -> None:
+    """Prepare the optimised-graph cache now, so the first `gptkit run` loads fast too."""
+    from runtime import graph_cache
+    from runtime.session import OnnxSession
+
+    if not graph_cache.enabled(target):
+        return
+    session = OnnxSession(target)
+    if session.cached:
+        click.echo(f"  load cache: {graph_cache.Entry(target).dir}", err=True)
 
 
 def _load(checkpoint: str | None, hf_dir: str | None):

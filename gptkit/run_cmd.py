@@ -73,6 +73,11 @@ DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same d
     help="Past the context length: fail, or keep the most recent tokens.",
 )
 @click.option("--echo", is_flag=True, help="Print the prompt before the continuation.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Do not use or write the optimised-graph cache of large models (GPTKIT_CACHE_DIR).",
+)
 def run_command(
     prompt: str | None = None,
     model: str = "model.onnx",
@@ -88,6 +93,7 @@ def run_command(
     threads: int | None = None,
     context: str = "error",
     echo: bool = False,
+    no_cache: bool = False,
 ) -> None:
     """Continue a prompt with an exported model, streaming the text to stdout.
 
@@ -111,7 +117,7 @@ def run_command(
         seed=seed,
         stop=stop,
     )
-    loaded = load(model, device=device, threads=threads)
+    loaded = load(model, device=device, threads=threads, cache=not no_cache)
     if prompt is None:
         _interactive(loaded, sampling, context)
         return

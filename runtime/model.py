@@ -59,13 +59,16 @@ def load(
     threads: int | None = None,
     optimization: str = "all",
     allow_fallback: bool = False,
+    cache: bool = True,
 ) -> Model:
     """Load an exported gptkit model; weights, config and tokenizer all come from the one file.
 
     device: "cpu", or "cuda" with onnxruntime-gpu installed (an error otherwise, unless
     ``allow_fallback=True``, which runs on the CPU instead). threads: ONNX Runtime intra-op
     threads (default: one per core). optimization: ONNX Runtime graph optimisation level, one of
-    none, basic, extended, all.
+    none, basic, extended, all. cache: keep ONNX Runtime's optimised graph of large models
+    (>= 32 MiB) in the gptkit cache directory so later loads skip that work (see
+    :mod:`runtime.graph_cache`; files are written there on the first load).
     """
     return Model(
         OnnxSession(
@@ -74,6 +77,7 @@ def load(
             threads=threads,
             optimization=optimization,
             allow_fallback=allow_fallback,
+            cache=cache,
         )
     )
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtime import graph_cache
 from runtime.errors import ConfigError, ModelFileError
 from runtime.metadata import KV_INPLACE, ModelMetadata
 
@@ -82,22 +83,36 @@ class OnnxSession:
         optimization: str = "all",
         allow_fallback: bool = False,
         io_binding: bool | None = None,
+        cache: bool = True,
     ) -> None:
         path = Path(path)
         _check_options(device, threads, optimization)
         _check_file(path)
         providers = _providers(device, allow_fallback)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: unused-initializer warnings are noise here
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise ModelFileError(f"{path} is not a readable ONNX model ({reason})") from None
+
+        def make_options() -> ort.SessionOptions:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # errors only: unused-initializer warnings are noise
+            return options
+
+        session = None
+        if cache and providers == ["CPUExecutionProvider"] and optimization == "all":
+            if graph_cache.enabled(path):
+                session = graph_cache.open_session(path, make_options, providers)
+        self.cached = session is not None  # loaded through the optimised-graph cache
+        if session is None:
+            try:
+                session = ort.InferenceSession(str(path), make_options(), providers=providers)
+            except Exception as e:  # onnxruntime raises its own types for unreadable files
+                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                raise ModelFileError(
+                    f"{path} is not a readable ONNX model ({reason or type(e).__name__})"
+                ) from None
+        self.session = session
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             if not allow_fallback:  # NB: ONNX Runtime itself falls back to CPU with only a warning
                 raise ConfigError(
