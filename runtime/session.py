@@ -21,7 +21,6 @@ logits buffer and copies nothing else, so its cost no longer grows with a concat
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +263,7 @@ class OnnxSession:
             self.session.run_with_iobinding(binding)
         except _ORT_ERRORS as e:
             raise self._run_failed(e) from None
-        return logits, dataclasses.replace(cache, length=length)
+        return logits, KVCache(cache.values, length, binding, cache.ort_values, cache.capacity)
 
     def _run_failed(self, error: Exception) -> ModelFileError:
         """An ONNX Runtime failure on inputs the runtime built itself: the file is at fault."""
