@@ -219,7 +219,7 @@ class SharedBufferStepper:
     def __init__(self, path: str | os.PathLike[str], batch: int, capacity: int) -> None:
         from runtime.session import OnnxSession
 
-        self.session = OnnxSession(path)
+        self.session = OnnxSession(path, cache=False)  # a staging file: nothing to keep
         self.cache = self.session.empty_cache(batch, capacity=capacity)
 
     def __call__(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, list]:

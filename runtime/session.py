@@ -132,6 +132,11 @@ class OnnxSession:
         if past_type not in _KV_DTYPES:
             raise ModelFileError(f"{path}: unsupported KV-cache type {past_type}; re-export it")
         self.kv_dtype = _KV_DTYPES[past_type]
+        if self.device == "cuda" and self.inplace and self.kv_dtype != np.float16:
+            raise ConfigError(  # ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only
+                f"{path} is an fp32 --kv-cache inplace export, which ONNX Runtime runs on the CPU "
+                "only; use --device cpu, or export with --kv-cache inplace --dtype fp16 for CUDA"
+            )
         self._output_names = ["logits", *self.present_names]
 
     def _check_io(self) -> tuple[list[str], list[str]]:
