@@ -10,7 +10,11 @@ contrib op GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head
   ``present.{i}.*`` are bound to the same OrtValue of capacity ``max_length`` (buffer sharing, as
   onnxruntime-genai's ``past_present_share_buffer``), so a step costs what its new token costs;
 * still behaves like the default graph when they are not shared: a past of length P gives a
-  present of length P + T. Parity checks and other callers can use it exactly like the default.
+  present of length P + T, so parity checks and other callers can use it like the default, with
+  one exception: ONNX Runtime refuses several new tokens for a batch > 1 on a non-empty past
+  ("batch_size must be 1 when sequence_length > 1 and past context is given"). The runtime never
+  does that (a prompt starts from an empty cache; decode steps are one token). The op's newer
+  ``query_seqlens`` input would lift it but needs a recent ONNX Runtime to load at all.
 
 Positions: the total length S is the attention mask's width, so ``seqlens_k = S - 1`` for every
 row and new tokens land at cache rows [S - T, S). Left padding is kept in the cache (as in the

@@ -123,15 +123,23 @@ class Decoder:
             if all(self.done) or step == cfg.max_new_tokens - 1:
                 return
             active = ~np.array(self.done)
-            if int(mask.sum(axis=1)[active].max()) >= self._block:  # only when truncating
+            window_full = int(mask.sum(axis=1)[active].max()) >= self._block  # when truncating
+            # An in-place cache holds `capacity` columns; finished rows' masked dummies widen
+            # the mask too, so re-prefill (which drops them) before it overflows.
+            cache_full = 0 < cache.capacity <= mask.shape[1]
+            if window_full:
                 logits, cache, mask = self._prefill(self._block - self._block // 4)
+            elif cache_full:  # compact: the same context for every active row, no dummies
+                logits, cache, mask = self._prefill(self._block)
             else:
                 logits, cache, mask = self._extend(chosen, active, cache, mask)
 
     def _prefill(self, keep: int) -> tuple[np.ndarray, KVCache, np.ndarray]:
         """Run the last ``keep`` tokens of every row, left-padded, from an empty cache."""
         self.prefills += 1
-        windows = [row[-keep:] for row in self.tokens]
+        # A finished row keeps one token: its logits are never used again.
+        rows = zip(self.tokens, self.done, strict=True)
+        windows = [row[-1:] if done else row[-keep:] for row, done in rows]
         width = max(len(w) for w in windows)
         ids = np.zeros((len(windows), width), dtype=np.int64)
         mask = np.zeros((len(windows), width), dtype=np.int64)

@@ -42,10 +42,14 @@ OPTIMIZATION_LEVELS = {
 }
 _KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # What InferenceSession.run raises (Fail, InvalidArgument, RuntimeException, ...): its own types.
-_ORT_ERRORS = tuple(
-    value
-    for value in vars(ort.capi.onnxruntime_pybind11_state).values()
-    if isinstance(value, type) and issubclass(value, Exception)
+# run_with_iobinding raises a plain RuntimeError("Error in execution: ...") instead.
+_ORT_ERRORS = (
+    *(
+        value
+        for value in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ),
+    RuntimeError,
 )
 
 

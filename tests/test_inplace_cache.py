@@ -386,11 +386,6 @@ def test_capacity_overflow_is_a_value_error_and_leaves_the_cache_alone(model, sh
     assert cache.length == cache.capacity == 4 and logits.shape == (1, 1, cfg.vocab_size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="run_with_iobinding raises a bare RuntimeError, which _run_inplace does not catch",
-)
 def test_a_failing_inplace_run_is_a_model_file_error(inplace_path, shared_session):
     """An ONNX Runtime failure (here wpe's Gather out of range) is reported alike on both paths."""
     args = (np.array([[1, 2]]), np.ones((1, 2)), np.array([[0, 999]]))
@@ -545,12 +540,6 @@ def test_truncate_re_prefills_alike(small_block_pair, prompt_ids):
     assert all(len(row) == n for row in rows) and prefills >= 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="truncate re-prefills on active rows' lengths, but finished rows' masked dummies keep "
-    "widening the cache until it passes its capacity (block_size)",
-)
 def test_truncate_when_the_longest_row_stops_first(small_block_pair, bpe_tokenizer, monkeypatch):
     eot = bpe_tokenizer.eot_token
     real = runtime.generation.choose_token
@@ -566,7 +555,8 @@ def test_truncate_when_the_longest_row_stops_first(small_block_pair, bpe_tokeniz
         monkeypatch.setattr(runtime.generation, "choose_token", eot_first)
         results[kv] = truncated_run(small_block_pair[kv], prompts, 30, eot=eot)
     assert results["concat"][0][0] == [eot] and len(results["concat"][0][1]) == 30
-    assert results["inplace"] == results["concat"]
+    # the in-place run may re-prefill once more (to drop finished rows' columns); same tokens
+    assert results["inplace"][0] == results["concat"][0]
 
 
 # ---- export variants ---------------------------------------------------------------------------
