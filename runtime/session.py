@@ -63,8 +63,9 @@ class KVCache:
 
     values: tuple[Any, ...]
     length: int
-    # In-place caches only: the IO binding whose past and present share ``values`` (numpy
-    # buffers [B, n_head, capacity, head_dim], wrapped by the OrtValues in ``ort_values``).
+    # In-place caches only: the IO binding whose past and present share ``values`` (on the CPU
+    # numpy buffers [B, n_head, capacity, head_dim] wrapped by ``ort_values``; on CUDA the GPU
+    # OrtValues themselves).
     binding: Any = None
     ort_values: tuple[Any, ...] = ()
     capacity: int = 0
@@ -182,14 +183,15 @@ class OnnxSession:
         capacity = min(capacity or m.block_size, m.block_size)
         shape = (batch, m.n_head, capacity, m.head_dim)
         # Zeroed pages are mapped lazily, so untouched capacity costs no memory.
-        buffers = tuple(np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names)
         binding = self.session.io_binding()
-        if self.device == "cuda":
+        if self.device == "cuda":  # the buffers live on the GPU; ``values`` are those OrtValues
             ort_values = tuple(
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
                 for _ in self.past_names
             )
-        else:
+            buffers = ort_values
+        else:  # numpy buffers ONNX Runtime writes into (readable between steps)
+            buffers = tuple(np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names)
             ort_values = tuple(ort.OrtValue.ortvalue_from_numpy(b) for b in buffers)
         for past, present, value in zip(
             self.past_names, self.present_names, ort_values, strict=True
