@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                          # gpt2 fp32, cache of 16 and ~1000
     python benchmarks/profile_step.py --shape tiny --precision int8
+    python benchmarks/profile_step.py --kv-cache inplace             # the --kv-cache inplace export
     python benchmarks/profile_step.py path/to/model.onnx --positions 32 --steps 32
 
 Loads the model with ``runtime.load`` (onnxruntime profiling switched on), prefills a random prompt
@@ -12,8 +13,9 @@ the decode steps only (the prefill is left out):
   them) and everything outside it (building feeds or IO binding, logits out, sampling, the loop);
 - ONNX Runtime's kernel time by operator type, and the most expensive single nodes.
 
-Without a model path it uses (and if needed builds) the benchmark's artifacts for --shape, the
-same random-init weights and exports as benchmarks/decode.py.
+Without a model path it uses (and if needed builds) the benchmark's artifacts for --shape,
+--precision and --kv-cache, the same random-init weights and exports as benchmarks/decode.py. The
+runtime writes an in-place export's cache into one shared buffer per layer, as in decode.py.
 """
 
 from __future__ import annotations
@@ -166,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="gpt2", help="benchmark shape when no model is given")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     parser.add_argument(
+        "--kv-cache",
+        choices=("concat", "inplace"),
+        default="concat",
+        help="which export of the shape: the default (concat) or --kv-cache inplace",
+    )
+    parser.add_argument(
         "--positions", type=_csv_ints, help="cache lengths to profile (default 16 and near block)"
     )
     parser.add_argument("--steps", type=int, default=16, help="decode steps profiled per position")
@@ -176,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
 
     path = args.model
     if path is None:
-        manifest = common.prepare_artifacts(args.shape, args.work_dir)
-        path = Path(manifest["exports"][args.precision]["path"])
+        name = args.precision if args.kv_cache == "concat" else f"inplace-{args.precision}"
+        manifest = common.prepare_artifacts(args.shape, args.work_dir, artifacts=[name])
+        path = Path(manifest["exports"][name]["path"])
     sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
     for result in profile(path, args.positions, args.steps, common.THREADS):
         sections.append(render(result, args.top))
