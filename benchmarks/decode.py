@@ -110,6 +110,7 @@ def variant_of(system: str) -> str:
 PROBE_NEW_TOKENS = 9  # a probe generates this many tokens and times steps 2..9
 MIN_MEASURED_S = 2.0  # repeat short generations until this much time has been measured ...
 MAX_RUNS = 30  # ... but at most this many times
+BUSY_WARN = 0.25  # cores used by other processes during a system's run above which it is flagged
 
 
 # ================================================================================================
@@ -485,6 +486,7 @@ def _spawn(python: str, args: list[str], timeout: float) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(HERE.parent), str(HERE), env.get("PYTHONPATH")) if p
     )
+    busy, children = common.machine_busy_cpu_s(), common.children_cpu_s()
     t_spawn = time.time()
     proc = subprocess.run(
         [python, str(Path(__file__).resolve()), *args, "--t-spawn", repr(t_spawn)],
@@ -493,9 +495,17 @@ def _spawn(python: str, args: list[str], timeout: float) -> dict:
         env=env,
         timeout=timeout,
     )
+    wall = time.time() - t_spawn
+    busy_after = common.machine_busy_cpu_s()
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+            result = json.loads(line[len("RESULT ") :])
+            if busy is not None and busy_after is not None and wall > 0:
+                # Cores kept busy by anything but this process (other users of the VM, the host):
+                # machine busy time minus the worker's own CPU time, over its wall time.
+                other = (busy_after - busy) - (common.children_cpu_s() - children)
+                result["other_cpu_cores"] = max(0.0, other / wall)
+            return result
     lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
     return {"error": lines[-1].strip() if lines else f"exit status {proc.returncode}"}
 
@@ -608,6 +618,7 @@ def _one_line(shape: str, r: dict) -> str:
     return (
         f"{head} {r['decode_tok_s']:8.1f} tok/s  step {r['step_ms']:6.2f} ms  "
         f"TTFT {r['ttft_ms']:7.1f} ms  cold {r['cold_start_s']:5.2f} s  RSS {r['peak_rss_mb']:6.0f} MB"
+        f"  other load {_load_mark(r)}"
     )
 
 
@@ -624,6 +635,13 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
+
+
+def _load_mark(result: dict) -> str:
+    other = result.get("other_cpu_cores")
+    if other is None:
+        return "–"
+    return f"{other:.2f}" + (" ⚠" if other > BUSY_WARN else "")
 
 
 def _agreement(result: dict, reference: dict | None) -> str:
@@ -666,8 +684,20 @@ class Report:
         ]
         out += self._summary() + self._all_systems() + self._latency() + self._memory()
         out += self._targets() + self._machine()
-        if d["notes"]:
-            out += ["## Notes", ""] + [f"- {n}" for n in d["notes"]] + [""]
+        notes = list(d["notes"])
+        busy = [
+            f"{shape} b{r['batch']} {r['system']} ({r['other_cpu_cores']:.2f})"
+            for shape, block in d["shapes"].items()
+            for r in block["results"]
+            if r.get("other_cpu_cores", 0.0) > BUSY_WARN
+        ]
+        if busy:
+            notes.append(
+                f"**Other processes kept more than {BUSY_WARN} core busy** while these ran (average "
+                "cores): " + ", ".join(busy) + ". Their figures are not comparable; rerun them."
+            )
+        if notes:
+            out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
         return "\n".join(out)
 
     def _has(self, shape: str) -> bool:
@@ -746,8 +776,8 @@ class Report:
             "## Every system",
             "",
             "| shape | batch | system | file | decode tok/s | step ms | TTFT ms | cold start s | "
-            "peak RSS MB | greedy = PyTorch | KV cache (checked in the run) |",
-            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+            "peak RSS MB | greedy = PyTorch | KV cache (checked in the run) | other load |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for shape, block in self.data["shapes"].items():
             for r in block["results"]:
@@ -756,7 +786,7 @@ class Report:
                 file = "weights.pt (fp32)" if r["system"] in ("torch", "hf") else artifact
                 if "error" in r:
                     lines.append(
-                        f"| {shape} | {r['batch']} | {name} | {file} | error: {r['error'][:150]} |||||||"
+                        f"| {shape} | {r['batch']} | {name} | {file} | error: {r['error'][:150]} ||||||||"
                     )
                     continue
                 reference = self._get(shape, r["batch"], REFERENCE)
@@ -764,7 +794,7 @@ class Report:
                     f"| {shape} | {r['batch']} | {name} | {file} | {_fmt(r['decode_tok_s'])} | "
                     f"{_fmt(r['step_ms'], 2)} | {_fmt(r['ttft_ms'])} | {_fmt(r['cold_start_s'], 2)} | "
                     f"{_fmt(r['peak_rss_mb'], 0)} | {_agreement(r, reference)} | "
-                    f"{r.get('cache_mode', '–')} |"
+                    f"{r.get('cache_mode', '–')} | {_load_mark(r)} |"
                 )
         lines += [
             "",
@@ -772,7 +802,10 @@ class Report:
             "the batch). Random-init logits are nearly flat, so int8 rounding flips near-ties early. "
             "KV cache: for gptkit, the runtime session's own flag; for genai, the length of "
             "present.0.key after one decode step (max_length = a shared buffer, prompt + 1 = "
-            "concatenated), measured in the worker after the timed runs.",
+            "concatenated), measured in the worker after the timed runs. Other load: cores kept "
+            "busy by anything but the system's own process while it ran (machine busy time from "
+            f"/proc/stat minus the worker's CPU time, over its wall time); ⚠ above {BUSY_WARN} "
+            "core: that row's timings are suspect, rerun it on a quiet machine.",
             "",
         ]
         return lines
