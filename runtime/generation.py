@@ -120,10 +120,10 @@ class Decoder:
                 if token == self._eot:
                     self.done[b] = True
                 yield Token(b, token, logprob)
-            if all(self.done) or step == cfg.max_new_tokens - 1:
+            if step == cfg.max_new_tokens - 1 or all(self.done):
                 return
             active = ~np.array(self.done)
-            window_full = int(mask.sum(axis=1)[active].max()) >= self._block  # when truncating
+            window_full = self._truncate and int(mask.sum(axis=1)[active].max()) >= self._block
             # An in-place cache holds `capacity` columns; finished rows' masked dummies widen
             # the mask too, so re-prefill (which drops them) before it overflows.
             cache_full = 0 < cache.capacity <= mask.shape[1]

@@ -683,3 +683,20 @@ def test_cli_run_gives_the_default_exports_text(runner, cli_export, model, bpe_t
         assert result.exit_code == 0, result.output
         outputs.append(result.stdout)
     assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_decode_step_logits_are_the_callers_own(shared_session):
+    """Decode steps reuse bound buffers; the logits a step returns must not change afterwards."""
+    cache = shared_session.empty_cache(2, capacity=12)
+    ids = np.array([[3, 4, 5], [6, 7, 8]])
+    mask = np.ones((2, 3), dtype=np.int64)
+    _, cache = shared_session.run(ids, mask, np.array([[0, 1, 2]] * 2), cache)
+    returned = []
+    for step in range(4):
+        mask = np.ones((2, 4 + step), dtype=np.int64)
+        logits, cache = shared_session.run(
+            np.array([[9 + step], [20 + step]]), mask, np.full((2, 1), 3 + step), cache
+        )
+        returned.append((logits, logits.copy()))
+    assert all(np.array_equal(kept, copy) for kept, copy in returned)
+    assert not np.array_equal(returned[0][1], returned[1][1])  # the steps did differ
