@@ -46,6 +46,7 @@ QUANTIZE = (None, "int8")
 KV_CACHES = ("concat", "inplace")  # standard ONNX, or ORT's fused attention writing in place
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's hard limit for one serialised message
 HEAD_TRANSPOSE = "lm_head/Transpose"  # the node through which the output head reads wte
+HEAD_PARTS = 4  # vocabulary slices of the fp32 output head (see split_head)
 
 
 def input_names(n_layer: int) -> list[str]:
@@ -174,10 +175,8 @@ def export_onnx(
         proto = to_fp16(proto)
         tie_embedding(proto)  # the converter may fold the head's Transpose into a second copy
         notes.append("fp16: weights and KV cache fp16; LayerNorm, Softmax and logits fp32")
-    elif options.kv_cache == "inplace":
-        from export.inplace_cache import head_reads_embedding
-
-        head_reads_embedding(proto)
+    else:
+        split_head(proto)  # fp32: a quarter of the load-time memory peak the head costs
 
     meta = ModelMetadata(
         config=cfg.to_dict(),
@@ -298,7 +297,8 @@ def tie_embedding(proto: onnx.ModelProto) -> bool:
 
     Constant folding turns ``lm_head.weight`` (= wte) into a second, transposed initializer, which
     doubles the embedding's bytes in the file. Find that copy and replace it by a Transpose node.
-    Returns whether a copy was found. ONNX Runtime folds the Transpose again in memory at load.
+    Returns whether a copy was found. ONNX Runtime folds the Transpose again in memory at load
+    (in slices, for fp32 files: see split_head).
     """
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
@@ -325,6 +325,71 @@ def tie_embedding(proto: onnx.ModelProto) -> bool:
         node.input[1] = transposed
         return True
     return False
+
+
+def split_head(proto: onnx.ModelProto, parts: int = HEAD_PARTS) -> bool:
+    """Compute the tied output head in ``parts`` vocabulary slices: MatMul(x, Transpose(Slice(wte))).
+
+    ONNX Runtime constant-folds each Transpose(Slice(wte)) into its own initializer and prepacks
+    it for the MatMul, after which the folded copy is released. With one [C, V] head that copy
+    is 154 MB (gpt2) held next to its packed form while it is packed: the load's peak memory.
+    Slices make that transient 1 / parts as large; the logits Concat costs ~0.2 MB a step. The
+    file still stores wte once. Returns whether the head was found (fp32 graphs).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    transpose = next((n for n in graph.node if n.name == HEAD_TRANSPOSE), None)
+    if transpose is None:
+        return False
+    head = next(
+        (n for n in graph.node if n.op_type == "MatMul" and transpose.output[0] in n.input), None
+    )
+    wte = next((i for i in graph.initializer if i.name == transpose.input[0]), None)
+    if head is None or wte is None:
+        return False
+    bounds = np.linspace(0, wte.dims[0], parts + 1).astype(np.int64)
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "lm_head/slice_axes")
+    graph.initializer.append(axes)
+    new_nodes, pieces = [], []
+    for k in range(parts):
+        prefix = f"lm_head/part{k}"
+        for end, value in (("start", bounds[k]), ("end", bounds[k + 1])):
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}/{end}")
+            )
+        new_nodes += [
+            helper.make_node(
+                "Slice",
+                [wte.name, f"{prefix}/start", f"{prefix}/end", axes.name],
+                [f"{prefix}/rows"],
+                name=f"{prefix}/Slice",
+            ),
+            helper.make_node(
+                "Transpose",
+                [f"{prefix}/rows"],
+                [f"{prefix}/weight"],
+                perm=[1, 0],
+                name=f"{prefix}/Transpose",
+            ),
+            helper.make_node(
+                "MatMul",
+                [head.input[0], f"{prefix}/weight"],
+                [f"{prefix}/logits"],
+                name=f"{prefix}/MatMul",
+            ),
+        ]
+        pieces.append(f"{prefix}/logits")
+    new_nodes.append(
+        helper.make_node("Concat", pieces, list(head.output), axis=-1, name="lm_head/Concat")
+    )
+    index = list(graph.node).index(head)
+    graph.node.remove(head)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(index + offset, node)
+    graph.node.remove(transpose)
+    return True
 
 
 def untie_embedding(proto: onnx.ModelProto) -> None:

@@ -126,6 +126,32 @@ def test_tied_embedding_is_stored_once(exported, proto, model) -> None:
     assert exported.size_bytes == exported.path.stat().st_size
 
 
+def test_the_fp32_head_reads_wte_in_vocabulary_slices(proto, model) -> None:
+    """MatMul(x, Transpose(Slice(wte))) per slice, then Concat: ORT folds and prepacks one slice
+    at a time, so loading never holds a whole transposed copy of the embedding next to its
+    packed form (split_head)."""
+    from export.onnx_export import HEAD_PARTS
+
+    nodes = {n.output[0]: n for n in proto.graph.node}
+    concat = nodes["logits"]
+    assert concat.op_type == "Concat" and len(concat.input) == HEAD_PARTS
+    wte = next(i.name for i in proto.graph.initializer if i.name.endswith("wte.weight"))
+    rows = 0
+    for piece in concat.input:
+        matmul = nodes[piece]
+        transpose = nodes[matmul.input[1]]
+        slice_ = nodes[transpose.input[0]]
+        assert (matmul.op_type, transpose.op_type, slice_.op_type) == (
+            "MatMul",
+            "Transpose",
+            "Slice",
+        )
+        assert slice_.input[0] == wte
+        bounds = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+        rows += int(bounds[slice_.input[2]][0] - bounds[slice_.input[1]][0])
+    assert rows == model.config.vocab_size
+
+
 @pytest.mark.parametrize(("batch", "past", "seq"), [(1, 0, 1), (1, 1, 1), (4, 0, 9), (3, 9, 2)])
 def test_every_axis_is_dynamic(exported, model, batch, past, seq) -> None:
     """Export used sizes 2..4; sizes 0, 1 and others must run and give the right shapes."""
