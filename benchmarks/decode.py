@@ -840,7 +840,7 @@ class Report:
             "## gptkit cold start and memory (batch 1)",
             "",
             "| shape | precision | variant | file MB | cold start s (fresh processes) | load s | "
-            "peak RSS MB | RSS − file MB | peak RSS MB, full-context prompt |",
+            "peak RSS MB | RSS − file MB (both in 2²⁰ B) | peak RSS MB, full-context prompt |",
             "|---|---|---|---:|---|---:|---:|---:|---:|",
         ]
         for shape, block in self.data["shapes"].items():
@@ -857,7 +857,7 @@ class Report:
                         f"{_fmt(r['cold_start_s'], 2)} "
                         f"(samples {', '.join(f'{s:.2f}' for s in samples)}) | "
                         f"{_fmt(r['load_s'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | "
-                        f"{_fmt(r['peak_rss_mb'] - size, 0)} | "
+                        f"{_fmt(r['peak_rss_mb'] - size * 1e6 / 2**20, 0)} | "
                         f"{_fmt(r.get('peak_rss_full_context_mb'), 0)} |"
                     )
         lines += [

@@ -16,7 +16,7 @@ prompt-sized forward pass per ``block_size / 4`` generated tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,10 @@ from runtime.session import KVCache, OnnxSession
 from runtime.tokenizer import Tokenizer
 
 CONTEXT_MODES = ("error", "truncate")
+# Prompt tokens per forward pass. A long prompt in one pass needs logits [B, T, vocab] and
+# activations for all T at once (gpt2, T = 1000: ~1.3 GB peak); in chunks the peak stays near the
+# weights' size, for a few extra reads of the weights (~15 ms each for gpt2).
+PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Decoder:
         # block when truncating, since it re-prefills whenever the window fills up).
         room = self._block if self._truncate else width + self._config.max_new_tokens
         cache = session.empty_cache(len(windows), capacity=room)
-        logits, cache = session.run(ids, mask, positions, cache)
+        logits, cache = prefill(session, ids, mask, positions, cache)
         return logits[:, -1, :], cache, mask
 
     def _extend(
@@ -164,6 +168,32 @@ class Decoder:
         positions = (mask.sum(axis=1, keepdims=True) - 1) * new  # [B, 1]
         logits, cache = self._session.run(chosen[:, None], mask, positions, cache)
         return logits[:, -1, :], cache, mask
+
+
+def prefill(
+    session: OnnxSession,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    cache: KVCache,
+    on_logits: Callable[[int, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, KVCache]:
+    """Run a prompt into ``cache`` in chunks of PREFILL_CHUNK tokens; the last chunk's logits.
+
+    ``on_logits(start, logits)`` sees every chunk's logits (score() needs all of them). ONNX
+    Runtime's GroupQueryAttention takes several tokens on a non-empty cache for one row only, so
+    a batch on an in-place cache goes in one pass.
+    """
+    batch, width = input_ids.shape
+    chunk = PREFILL_CHUNK if batch == 1 or not session.inplace else width
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        logits, cache = session.run(
+            input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end], cache
+        )
+        if on_logits is not None:
+            on_logits(start, logits)
+    return logits, cache
 
 
 class TextTracker:

@@ -21,7 +21,7 @@ from typing import Any, overload
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
-from runtime.generation import CONTEXT_MODES, Decoder, TextTracker, Token
+from runtime.generation import CONTEXT_MODES, Decoder, TextTracker, Token, prefill
 from runtime.metadata import LOGITS_ALL
 from runtime.sampling import SamplingConfig, log_softmax
 from runtime.session import OnnxSession
@@ -248,12 +248,23 @@ class Model:
             )
         session = self._session
         n = len(inputs)
-        logits, _ = session.run(
-            np.array([inputs]), np.ones((1, n)), np.arange(n)[None], session.empty_cache(1)
+        wanted = np.array(targets)
+        picked: list[float] = []
+
+        def keep(start: int, logits: np.ndarray) -> None:  # one prefill chunk's logits
+            logp = log_softmax(logits[0, :, : self.tokenizer.n_vocab])  # [chunk, n_vocab]
+            rows = np.arange(logp.shape[0])
+            picked.extend(float(x) for x in logp[rows, wanted[start : start + len(rows)]])
+
+        prefill(
+            session,
+            np.array([inputs], dtype=np.int64),
+            np.ones((1, n), dtype=np.int64),
+            np.arange(n, dtype=np.int64)[None],
+            session.empty_cache(1, capacity=n),
+            on_logits=keep,
         )
-        logp = log_softmax(logits[0, :, : self.tokenizer.n_vocab])  # [n, n_vocab]
-        picked = logp[np.arange(n), np.array(targets)]
-        return ScoreResult(token_ids=ids, logprobs=[float(x) for x in picked])
+        return ScoreResult(token_ids=ids, logprobs=picked)
 
     # ---- token ids in, token ids out ----------------------------------------------------------
 
