@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ENV_MODEL = "GPTKIT_TEST_MODEL"
@@ -59,3 +60,17 @@ def prebuilt_or_tiny(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     if os.environ.get("GPTKIT_REQUIRE_MODEL"):
         pytest.fail(f"GPTKIT_REQUIRE_MODEL is set but {ENV_MODEL} is not")
     return export_tiny(tmp_path_factory.mktemp("model"))
+
+
+def left_padded_mask(batch: int, total: int, padded: bool) -> np.ndarray:
+    """Row r gets r + 1 leading zeros (when padded), capped so each row keeps one real token."""
+    mask = np.ones((batch, total), dtype=np.int64)
+    if padded:
+        for row in range(batch):
+            mask[row, : min(row + 1, total - 1)] = 0
+    return mask
+
+
+def positions_for(mask: np.ndarray, seq: int) -> np.ndarray:
+    """Position ids of the last ``seq`` tokens under ``mask``: real tokens counted from 0."""
+    return (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -seq:]

@@ -23,6 +23,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
+from runtime_helpers import left_padded_mask, positions_for  # noqa: E402
 
 import runtime.generation  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
@@ -191,19 +192,6 @@ def test_unknown_kv_cache_is_refused(model, bpe_tokenizer, tmp_path):
 
 
 # ---- parity matrix: batch {1, 3} x past {0, 1, 7} x seq {1, 5} x left padding -------------------
-
-
-def left_padded_mask(batch: int, total: int, padded: bool) -> np.ndarray:
-    """Row r gets r + 1 leading zeros (when padded), capped so each row keeps one real token."""
-    mask = np.ones((batch, total), dtype=np.int64)
-    if padded:
-        for row in range(batch):
-            mask[row, : min(row + 1, total - 1)] = 0
-    return mask
-
-
-def positions_for(mask: np.ndarray, seq: int) -> np.ndarray:
-    return (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -seq:]
 
 
 def torch_forward(model, ids, mask, seq, past=None):

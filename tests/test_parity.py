@@ -16,6 +16,8 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from runtime_helpers import left_padded_mask, positions_for  # noqa: E402
+
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.parity import (  # noqa: E402
     TOLERANCES,
@@ -64,19 +66,6 @@ def fp32_path(model, bpe_tokenizer, export_dir):
 @pytest.fixture(scope="module")
 def session(fp32_path):
     return open_session(fp32_path)
-
-
-def left_padded_mask(batch: int, total: int, padded: bool) -> np.ndarray:
-    """Row r gets r + 1 leading zeros (when padded), capped so each row keeps one real token."""
-    mask = np.ones((batch, total), dtype=np.int64)
-    if padded:
-        for row in range(batch):
-            mask[row, : min(row + 1, total - 1)] = 0
-    return mask
-
-
-def positions_for(mask: np.ndarray, seq: int) -> np.ndarray:
-    return (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -seq:]
 
 
 CASES = list(itertools.product([1, 3], [0, 1, 7], [1, 5], [False, True]))
