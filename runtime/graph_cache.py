@@ -10,11 +10,12 @@ with the fp32 head in slices; see export.onnx_export.split_head).
 
 One entry per model path, under ``$GPTKIT_CACHE_DIR/ort`` (default ``~/.cache/gptkit/ort``),
 stamped with the file's size and mtime, the ONNX Runtime version and the CPU architecture; a file
-that changes replaces its entry. Only CPU sessions at optimisation level "all" over files of at
+that changes replaces its entry, and entries of files that are gone or changed are removed
+whenever a new entry is built. Only CPU sessions at optimisation level "all" over files of at
 least ``MIN_BYTES`` use it (small models load in milliseconds anyway). Anything that goes wrong
 with the cache (read-only home, full disk, a damaged entry) falls back to a plain load: the cache
 can make loading faster, never make it fail. Opt out with ``runtime.load(..., cache=False)``,
-``gptkit run --no-cache`` or ``GPTKIT_ORT_CACHE=0``.
+``gptkit run --no-cache`` or ``GPTKIT_ORT_CACHE=0``; deleting the directory is always safe.
 """
 
 from __future__ import annotations
@@ -129,9 +130,32 @@ def _build(
         entry.remove()
         os.rename(staging, entry.dir)  # complete entries only: a crash leaves a hidden staging dir
         staging = None
+        prune(entry.dir.parent)
         return session
     except Exception:  # no space, read-only cache, a model ORT cannot save: load without cache
         return None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def prune(root: Path) -> list[Path]:
+    """Remove entries whose model file is gone or has changed since; returns what was removed.
+
+    Runs whenever an entry is built, so the cache holds at most one entry per model file that
+    still exists. Entries being built by another process (hidden staging dirs) are left alone.
+    """
+    removed = []
+    for directory in root.iterdir():
+        if directory.name.startswith(".") or not directory.is_dir():
+            continue
+        try:
+            stamp = json.loads((directory / STAMP_NAME).read_text())
+            info = Path(stamp["source"]).stat()
+            current = (info.st_size, info.st_mtime_ns) == (stamp["size"], stamp["mtime_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            current = False
+        if not current:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed

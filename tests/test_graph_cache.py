@@ -147,3 +147,21 @@ def test_a_bad_model_file_is_still_a_one_line_error(tmp_path: Path, cache_env: P
     with pytest.raises(ModelFileError, match="not a readable ONNX model"):
         OnnxSession(bad)
     assert [p for p in entries(cache_env) if not p.name.startswith(".")] == []
+
+
+def test_building_an_entry_prunes_those_of_deleted_or_changed_files(
+    model_file: Path, cache_env: Path, tmp_path: Path
+):
+    other = tmp_path / "other.onnx"
+    shutil.copyfile(model_file, other)
+    changed = tmp_path / "changed.onnx"
+    shutil.copyfile(model_file, changed)
+    OnnxSession(other)
+    OnnxSession(changed)
+    assert len(entries(cache_env)) == 2
+    other.unlink()  # its entry is now useless
+    with open(changed, "ab") as f:  # and this one is stale
+        f.write(b"\0")
+    OnnxSession(model_file)  # builds a new entry, which prunes
+    (kept,) = entries(cache_env)
+    assert json.loads((kept / "stamp.json").read_text())["source"] == str(model_file.resolve())
