@@ -25,6 +25,7 @@ The file needs ONNX Runtime (the contrib op is not standard ONNX), which is why 
 
 from __future__ import annotations
 
+import onnx
 import torch
 from torch.nn import functional as F
 
@@ -113,7 +114,7 @@ class InplaceCachedDecoder(torch.nn.Module):
         return (logits, *presents)
 
 
-def place_gqa_inputs(graph) -> int:
+def place_gqa_inputs(graph: onnx.GraphProto) -> int:
     """Move each traced GroupQueryAttention's inputs to their real slots; returns how many."""
     count = 0
     for node in graph.node:

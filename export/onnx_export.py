@@ -30,7 +30,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.helper
 import onnx.numpy_helper
 import torch
 
@@ -336,9 +338,7 @@ def split_head(proto: onnx.ModelProto, parts: int = HEAD_PARTS) -> bool:
     Slices make that transient 1 / parts as large; the logits Concat costs ~0.2 MB a step. The
     file still stores wte once. Returns whether the head was found (fp32 graphs).
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
-
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
     graph = proto.graph
     transpose = next((n for n in graph.node if n.name == HEAD_TRANSPOSE), None)
     if transpose is None:
@@ -355,9 +355,9 @@ def split_head(proto: onnx.ModelProto, parts: int = HEAD_PARTS) -> bool:
     new_nodes, pieces = [], []
     for k in range(parts):
         prefix = f"lm_head/part{k}"
-        for end, value in (("start", bounds[k]), ("end", bounds[k + 1])):
+        for which, value in (("start", bounds[k]), ("end", bounds[k + 1])):
             graph.initializer.append(
-                numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}/{end}")
+                numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}/{which}")
             )
         new_nodes += [
             helper.make_node(
