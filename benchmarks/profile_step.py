@@ -30,6 +30,9 @@ from pathlib import Path
 
 import _common as common
 import numpy as np
+from _artifacts import artifact_name, prepare_artifacts
+
+from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT, KV_INPLACE
 
 
 def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -> list[dict]:
@@ -169,9 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     parser.add_argument(
         "--kv-cache",
-        choices=("concat", "inplace"),
-        default="concat",
-        help="which export of the shape: the default (concat) or --kv-cache inplace",
+        choices=KV_CACHE_MODES,
+        default=KV_CONCAT,
+        help=f"which export of the shape: the default ({KV_CONCAT}) or --kv-cache {KV_INPLACE}",
     )
     parser.add_argument(
         "--positions", type=_csv_ints, help="cache lengths to profile (default 16 and near block)"
@@ -184,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     path = args.model
     if path is None:
-        name = args.precision if args.kv_cache == "concat" else f"inplace-{args.precision}"
-        manifest = common.prepare_artifacts(args.shape, args.work_dir, artifacts=[name])
+        name = artifact_name(args.precision, args.kv_cache)
+        manifest = prepare_artifacts(args.shape, args.work_dir, artifacts=[name])
         path = Path(manifest["exports"][name]["path"])
     sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
     for result in profile(path, args.positions, args.steps, common.THREADS):

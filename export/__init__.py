@@ -1,6 +1,36 @@
-"""PyTorch to ONNX: the cached-decoder export, its variants, and parity verification."""
+"""PyTorch to ONNX: the cached-decoder export, its variants, and parity verification.
 
-from export.onnx_export import ExportOptions, ExportResult, export_onnx
-from export.parity import ParityReport, verify_parity
+    from export import ExportOptions, export_onnx
+    result = export_onnx(model, tokenizer, "model.onnx", options=ExportOptions(quantize="int8"))
+    print("\n".join(result.parity.lines()))
+
+Names load lazily, so ``export.options`` (what the CLI's ``--help`` reads) imports without
+PyTorch or ONNX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from export.onnx_export import ExportResult, export_onnx
+    from export.options import ExportOptions
+    from export.parity import ParityReport, verify_parity
 
 __all__ = ["ExportOptions", "ExportResult", "ParityReport", "export_onnx", "verify_parity"]
+
+_LAZY = {
+    "ExportOptions": "export.options",
+    "ExportResult": "export.onnx_export",
+    "export_onnx": "export.onnx_export",
+    "ParityReport": "export.parity",
+    "verify_parity": "export.parity",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,13 +1,13 @@
 """The ``--kv-cache inplace`` graph: attention fused into ONNX Runtime's GroupQueryAttention.
 
 The default export concatenates past and new keys/values in every layer at every step, so a
-decode step copies the whole cache (ISSUE 6 profile: ~10 ms of a 28 ms gpt2 step at position 1000).
-This variant keeps the same inputs and outputs but computes attention with the ``com.microsoft``
-contrib op GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head attention), which
+decode step copies the whole cache, a cost that grows with the position. This variant keeps the
+same inputs and outputs but computes attention with the ``com.microsoft`` contrib op
+GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head attention), which
 
 * reads the packed c_attn output directly (no split/reshape/transpose/softmax nodes per layer);
 * writes the new keys/values *into* the past buffer when ``past_key_values.{i}.*`` and
-  ``present.{i}.*`` are bound to the same OrtValue of capacity ``max_length`` (buffer sharing, as
+  ``present.{i}.*`` are bound to the same OrtValue of fixed capacity (buffer sharing, as
   onnxruntime-genai's ``past_present_share_buffer``), so a step costs what its new token costs;
 * still behaves like the default graph when they are not shared: a past of length P gives a
   present of length P + T, so parity checks and other callers can use it like the default, with
@@ -16,9 +16,12 @@ contrib op GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head
   does that (a prompt starts from an empty cache; decode steps are one token). The op's newer
   ``query_seqlens`` input would lift it but needs a recent ONNX Runtime to load at all.
 
-Positions: the total length S is the attention mask's width, so ``seqlens_k = S - 1`` for every
-row and new tokens land at cache rows [S - T, S). Left padding is kept in the cache (as in the
-default graph) and masked by the model's own additive mask, passed as ``attention_bias``.
+The export traces ``GPT.forward`` itself with :class:`FusedAttention` swapped in as every block's
+attention kernel (``gpt_core.model.attention_kernel``): embeddings, blocks, head and mask are the
+model's own. Positions: the total length S is the attention mask's width, so
+``seqlens_k = S - 1`` for every row and new tokens land at cache rows [S - T, S). Left padding is
+kept in the cache (as in the default graph) and masked by the model's own additive mask, passed
+as ``attention_bias``.
 
 The file needs ONNX Runtime (the contrib op is not standard ONNX), which is why it is an option.
 """
@@ -29,7 +32,7 @@ import onnx
 import torch
 from torch.nn import functional as F
 
-from gpt_core.model import GPT, attention_bias
+from runtime.errors import ExportError
 
 GQA_OP = "GroupQueryAttention"
 GQA_DOMAIN = "com.microsoft"
@@ -39,7 +42,7 @@ _GQA_SLOTS = (0, 3, 4, 5, 6, 10)
 _GQA_ARITY = 11
 
 
-class _FusedAttention(torch.autograd.Function):
+class _GroupQueryAttention(torch.autograd.Function):
     """Eager: what GroupQueryAttention computes (concat semantics). Traced: the contrib op."""
 
     @staticmethod
@@ -78,40 +81,35 @@ class _FusedAttention(torch.autograd.Function):
         return output, present_key, present_value
 
 
-class InplaceCachedDecoder(torch.nn.Module):
-    """The GPT's cached forward with fused attention; same flat signature as CachedDecoder.
+class FusedAttention:
+    """An attention kernel (``gpt_core.model.AttentionKernel``) traced as GroupQueryAttention.
 
-    Mirrors ``GPT.forward`` block by block (embeddings, pre-LN blocks, final LN, tied head), so
-    the weights and their names are the model's own; parity against ``GPT`` is checked on export.
+    Only for the cached, masked forward the export traces: a past and a mask are required.
+    ``head_dim`` is given up front because, under the tracer, sizes read from tensors are traced
+    values, not the Python ints the op's declared output types need.
     """
 
-    def __init__(self, model: GPT) -> None:
-        super().__init__()
-        self.model = model
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        transformer = self.model.transformer
-        n_head, head_dim = self.model.config.n_head, self.model.config.head_dim
-        T, S = input_ids.shape[1], attention_mask.shape[1]
-        total = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # past + new
-        seqlens_k = torch.zeros_like(attention_mask[:, 0], dtype=torch.int32) + (total - 1)
-        # The model's own (B, 1, T, S) mask: padding and causality. The op applies causality
-        # itself as well; passing it twice costs nothing and keeps one definition of the mask.
-        bias = attention_bias(attention_mask, T, S, transformer.wte.weight.dtype, input_ids.device)
-
-        x = transformer.wte(input_ids) + transformer.wpe(position_ids)
-        presents = []
-        for i, block in enumerate(transformer.h):
-            attn = block.attn
-            qkv = attn.c_attn(block.ln_1(x))
-            y, key, value = _FusedAttention.apply(
-                qkv, past[2 * i], past[2 * i + 1], seqlens_k, total, bias, n_head, head_dim
-            )
-            x = x + attn.c_proj(y)
-            x = x + block.mlp(block.ln_2(x))
-            presents += [key, value]
-        logits = self.model.lm_head(transformer.ln_f(x))
-        return (logits, *presents)
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_bias: torch.Tensor | None,
+        n_head: int,
+        dropout_p: float,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if past is None or attn_bias is None:
+            raise ExportError("the fused attention kernel needs a KV cache and an attention mask")
+        # S, the mask's width, as an int32 tensor built from public ops only, so the tracer keeps
+        # it dynamic (a Python int from .shape would be frozen into the graph as a constant).
+        total = torch.ones_like(attn_bias[0, 0, 0], dtype=torch.int32).sum(dtype=torch.int32)
+        seqlens_k = torch.zeros_like(attn_bias[:, 0, 0, 0], dtype=torch.int32) + (total - 1)
+        y, key, value = _GroupQueryAttention.apply(
+            qkv, past[0], past[1], seqlens_k, total, attn_bias, n_head, self.head_dim
+        )
+        return y, (key, value)
 
 
 def place_gqa_inputs(graph: onnx.GraphProto) -> int:

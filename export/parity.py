@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gpt_core.model import GPT
+from gpt_core.model import GPT, fp32_cpu
 from runtime.errors import ParityError
+from runtime.generation import GenerationLoop
+from runtime.onnx_contract import KV_INPLACE
+from runtime.sampling import SamplingConfig
+from runtime.session import OnnxSession
 
-# Max abs difference allowed on logits and presents, per variant. fp32 is the real check (ANCHORS
-# pitfall 9: 1e-4). fp16 and int8 change the arithmetic on purpose; their bounds are loose enough
+# Max abs difference allowed on logits and presents, per variant. fp32 is the real check: 1e-4 is
+# what Optimum's exporter validation and ORT's GPT-2 tools allow for fp32 graphs. fp16 and int8 change the arithmetic on purpose; their bounds are loose enough
 # for trained models (ORT's GPT-2 tool uses 0.2 and 3.0) and they are also judged by argmax and
 # greedy agreement, which the report states.
 TOLERANCES = {"fp32": 1e-4, "fp16": 0.2, "int8": 1.0}
@@ -53,70 +57,6 @@ class ParityReport:
         return out
 
 
-def open_session(path: str | os.PathLike[str]):
-    """A CPU InferenceSession with ORT's default optimisations (what the runtime uses)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def kv_dtype(session) -> type:
-    """The cache dtype the graph expects (fp16 exports take fp16 past tensors)."""
-    past = next(i for i in session.get_inputs() if i.name.startswith("past_key_values"))
-    return np.float16 if "float16" in past.type else np.float32
-
-
-def empty_cache(session, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past tensors for the first (prompt) step: (batch, n_head, 0, head_dim)."""
-    dtype = kv_dtype(session)
-    return {
-        i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=dtype)
-        for i in session.get_inputs()
-        if i.name.startswith("past_key_values")
-    }
-
-
-def run_step(
-    session,
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray,
-    past: dict[str, np.ndarray],
-) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
-    """One ONNX forward: (logits, presents in output order, the past for the next step)."""
-    feed = {
-        "input_ids": input_ids.astype(np.int64),
-        "attention_mask": attention_mask.astype(np.int64),
-        "position_ids": position_ids.astype(np.int64),
-        **past,
-    }
-    names = [o.name for o in session.get_outputs()]
-    results = session.run(None, feed)
-    presents = results[1:]
-    next_past = {
-        n.replace("present", "past_key_values", 1): v
-        for n, v in zip(names[1:], presents, strict=True)
-    }
-    return results[0], presents, next_past
-
-
-def greedy_onnx(session, prompt: list[int], n_tokens: int) -> list[int]:
-    """``n_tokens`` greedy ids after ``prompt``, decoded with the graph's KV cache (batch 1)."""
-    ids = np.array([prompt], dtype=np.int64)
-    past = empty_cache(session, 1)
-    length, produced = len(prompt), []
-    for _ in range(n_tokens):
-        positions = np.arange(length - ids.shape[1], length, dtype=np.int64)[None]
-        logits, _, past = run_step(session, ids, np.ones((1, length), np.int64), positions, past)
-        token = int(logits[0, -1].argmax())
-        produced.append(token)
-        ids = np.array([[token]], dtype=np.int64)
-        length += 1
-    return produced
-
-
 def verify_parity(
     model: GPT,
     onnx_path: str | os.PathLike[str],
@@ -131,12 +71,14 @@ def verify_parity(
 ) -> ParityReport:
     """Compare logits and presents at a left-padded prompt and ``decode_steps`` cached steps.
 
-    Also counts argmax agreement and how many greedy tokens match PyTorch's own cached
-    ``generate``. Raises ParityError listing every output over tolerance (unless told not to).
+    The ONNX side runs through the runtime's own ``OnnxSession``: the concatenated cache always,
+    and for ``--kv-cache inplace`` files also the shared buffer the runtime decodes with. Also
+    counts argmax agreement, and how many greedy tokens of the runtime's generation loop match
+    PyTorch's own cached ``generate``. Raises ParityError listing every output over tolerance
+    (unless told not to).
     """
     cfg = model.config
     tolerance = TOLERANCES[variant]
-    session = open_session(onnx_path)
     report = ParityReport(variant=variant, tolerance=tolerance)
     rng = np.random.default_rng(seed)
     prompt_len = max(1, min(prompt_len, cfg.block_size - decode_steps - 1))
@@ -146,15 +88,20 @@ def verify_parity(
     mask = np.ones((batch, prompt_len), dtype=np.int64)
     if batch > 1:
         mask[-1, : prompt_len // 3] = 0  # left padding on the last row
-    steppers = {"": ConcatStepper(session, batch)}
-    if _is_inplace(session):  # also the runtime's own path: one buffer shared by past and present
-        steppers[", shared buffer"] = SharedBufferStepper(
-            onnx_path, batch, prompt_len + decode_steps
-        )
+    # A staging file is checked once: nothing to keep in the optimised-graph cache.
+    concat = OnnxSession(onnx_path, cache=False, io_binding=False)
+    steppers = {"": _Stepper(concat, batch, prompt_len + decode_steps)}
+    runtime_session = concat  # what the runtime decodes with on the CPU
+    if concat.metadata.kv_cache == KV_INPLACE:  # the runtime's path: one buffer, written in place
+        runtime_session = OnnxSession(onnx_path, cache=False)
+        steppers[", shared buffer"] = _Stepper(runtime_session, batch, prompt_len + decode_steps)
     torch_past = None
     agree, total = 0, 0
     new_ids = ids
-    with _eval_fp32(model) as reference:
+    reference = fp32_cpu(model)
+    was_training = reference.training
+    reference.eval()
+    try:
         for step in range(decode_steps + 1):
             positions = (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -new_ids.shape[1] :]
             with torch.no_grad():
@@ -166,6 +113,7 @@ def verify_parity(
                     use_cache=True,
                 )
             torch_past = out.past_key_values
+            assert torch_past is not None  # use_cache=True
             ref_logits = out.logits.numpy()
             ref_presents = [t.numpy() for pair in torch_past for t in pair]
             where = "prompt" if step == 0 else f"decode step {step}"
@@ -184,9 +132,10 @@ def verify_parity(
         n_tokens = max(0, min(greedy_tokens, cfg.block_size - len(prompt)))
         with torch.no_grad():
             expected = reference.generate(torch.tensor([prompt]), n_tokens, temperature=0)
-        expected = expected[0, len(prompt) :].tolist()
-    produced = greedy_onnx(session, prompt, n_tokens)
-    report.greedy_match = _common_prefix(expected, produced)
+    finally:
+        reference.train(was_training)
+    produced = _runtime_greedy(runtime_session, prompt, n_tokens, cfg.vocab_size)
+    report.greedy_match = _common_prefix(expected[0, len(prompt) :].tolist(), produced)
     report.greedy_total = n_tokens
 
     for name, diff in report.max_diff.items():
@@ -194,60 +143,38 @@ def verify_parity(
             report.failures.append(f"{name} max |diff| {diff:.2e} > {tolerance:g}")
     if report.failures and raise_on_failure:
         raise ParityError(
-            f"ONNX Runtime disagrees with PyTorch ({variant}): " + "; ".join(report.failures)
+            f"ONNX Runtime disagrees with PyTorch ({variant}): " + "; ".join(report.failures),
+            report,
         )
     return report
 
 
-class ConcatStepper:
-    """Feeds the graph its own presents back as the next past (the standard ONNX contract)."""
+class _Stepper:
+    """Runs the graph step by step on its own cache, as the runtime does; presents as numpy."""
 
-    def __init__(self, session, batch: int) -> None:
+    def __init__(self, session: OnnxSession, batch: int, capacity: int) -> None:
         self.session = session
-        self.past = empty_cache(session, batch)
+        self.cache = session.empty_cache(batch, capacity=capacity)
 
-    def __call__(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, list]:
-        logits, presents, self.past = run_step(
-            self.session, input_ids, attention_mask, position_ids, self.past
-        )
-        return logits, presents
-
-
-class SharedBufferStepper:
-    """The runtime's in-place path: past and present bound to one buffer per layer and kind."""
-
-    def __init__(self, path: str | os.PathLike[str], batch: int, capacity: int) -> None:
-        from runtime.session import OnnxSession
-
-        self.session = OnnxSession(path, cache=False)  # a staging file: nothing to keep
-        self.cache = self.session.empty_cache(batch, capacity=capacity)
-
-    def __call__(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, list]:
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         logits, self.cache = self.session.run(input_ids, attention_mask, position_ids, self.cache)
-        return logits, [buffer[:, :, : self.cache.length] for buffer in self.cache.values]
+        length = self.cache.length
+        return logits, [np.asarray(value)[:, :, :length] for value in self.cache.values]
 
 
-def _is_inplace(session) -> bool:
-    from runtime.metadata import KV_INPLACE, ModelMetadata
-
-    props = session.get_modelmeta().custom_metadata_map
-    return ModelMetadata.from_props(props).kv_cache == KV_INPLACE
-
-
-class _eval_fp32:
-    """Context manager: an fp32 CPU eval-mode view of ``model``, its mode restored afterwards."""
-
-    def __init__(self, model: GPT) -> None:
-        from export.onnx_export import _fp32_cpu
-
-        self.model = _fp32_cpu(model)
-        self.was_training = self.model.training
-
-    def __enter__(self) -> GPT:
-        return self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
+def _runtime_greedy(
+    session: OnnxSession, prompt: list[int], n_tokens: int, vocab_size: int
+) -> list[int]:
+    """``n_tokens`` greedy ids after ``prompt`` from the runtime's own generation loop."""
+    if n_tokens == 0:
+        return []
+    config = SamplingConfig(max_new_tokens=n_tokens, temperature=0.0, stop_at_eot=False)
+    # Every id the model can produce (its vocabulary may be larger than the tokenizer's), as
+    # PyTorch's argmax sees them.
+    loop = GenerationLoop(session, [prompt], config, n_vocab=vocab_size)
+    return [token.id for token in loop]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

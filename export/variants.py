@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from export.onnx_export import tie_embedding, untie_embedding
+from export.graph_edits import sort_topologically, tie_embedding, untie_embedding
 
 # Ops that stay fp32 in the fp16 variant: normalisation statistics and softmax sums lose too much
 # precision (or overflow) in fp16 (ANCHORS pitfall 8; ORT's GPT-2 recipe does the same).
@@ -90,30 +90,6 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         )
     sort_topologically(converted.graph)  # the converter appends its Casts out of order
     return converted
-
-
-def sort_topologically(graph: onnx.GraphProto) -> None:
-    """Reorder ``graph.node`` so every node comes after its inputs' producers (stable).
-
-    ONNX Runtime accepts any order, but the ONNX checker (and other runtimes) require this.
-    """
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:
-            raise ValueError(f"graph has a cycle or a missing input near {pending[0].name!r}")
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-    copies = [onnx.NodeProto() for _ in ordered]
-    for copy, node in zip(copies, ordered, strict=True):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
 
 
 @contextlib.contextmanager

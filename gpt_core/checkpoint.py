@@ -30,7 +30,8 @@ import torch
 from gpt_core.config import GPTConfig
 from gpt_core.model import GPT
 from runtime.errors import CheckpointError, GptkitError
-from runtime.tokenizer import META_FILENAME, Tokenizer, atomic_write_bytes
+from runtime.files import atomic_write_bytes
+from runtime.tokenizer import META_FILENAME, Tokenizer
 
 DEFAULT_RUN_DIR = Path("runs") / "default"
 WEIGHTS_FILE = "model.safetensors"

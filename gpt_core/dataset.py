@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from runtime.errors import DataError
-from runtime.paths import gptkit_cache_dir
-from runtime.tokenizer import Tokenizer, atomic_write_bytes
+from runtime.files import atomic_write_bytes, gptkit_cache_dir
+from runtime.tokenizer import Tokenizer
 
 CHUNK_BYTES = 1 << 20  # tokenize 1 MiB at a time (split at a line boundary)
 TEXT_SUFFIXES = (".txt", ".md", ".text")

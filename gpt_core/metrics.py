@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime.tokenizer import atomic_write_bytes
+from runtime.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

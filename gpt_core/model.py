@@ -14,8 +14,11 @@ hs head size.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -24,14 +27,61 @@ from torch.nn import functional as F
 from gpt_core.config import GPTConfig
 from runtime.errors import ConfigError, GenerationError
 
-# One (key, value) pair per layer, each (B, nh, S, hs).
-KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+# One (key, value) pair per layer, each (B, nh, S, hs), as Hugging Face's GPT-2 returns it.
+PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class GPTOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab_size)
     loss: torch.Tensor | None  # mean cross-entropy when targets are given
-    past_key_values: KVCache | None  # the cache after this step, when asked for
+    past_key_values: PastKeyValues | None  # the cache after this step, when asked for
+
+
+class AttentionKernel(Protocol):
+    """How attention is computed from the packed q|k|v projection (B, T, 3C).
+
+    Returns the heads' output side by side (B, T, C) and the layer's cache (key, value), each
+    (B, nh, S, hs) with the past in front. ``attn_bias`` is None for full causal sequences without
+    padding, else the additive mask of :func:`attention_bias`. The default is
+    :func:`sdpa_attention`; the ``--kv-cache inplace`` export swaps in ONNX Runtime's fused op
+    with :func:`attention_kernel` and traces this same forward.
+    """
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_bias: torch.Tensor | None,
+        n_head: int,
+        dropout_p: float,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def sdpa_attention(
+    qkv: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    attn_bias: torch.Tensor | None,
+    n_head: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Multi-head attention with PyTorch's scaled_dot_product_attention (the default kernel)."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.chunk(3, dim=2)  # each (B, T, C)
+    q = q.view(B, T, n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+    k = k.view(B, T, n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+    v = v.view(B, T, n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
+        v = torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
+    if attn_bias is None:
+        # No cache and no padding: the fused causal kernel (flash attention where available).
+        # NB: is_causal=True aligns the mask top-left, which is wrong once T < S, so the
+        # cached path always passes an explicit mask instead.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
+    y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads side by side
+    return y, (k, v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,6 +95,7 @@ class CausalSelfAttention(nn.Module):
         # output projection back into the residual stream
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.kernel: AttentionKernel = sdpa_attention  # swapped only by attention_kernel()
 
     def forward(
         self,
@@ -52,24 +103,9 @@ class CausalSelfAttention(nn.Module):
         attn_bias: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
-            v = torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_bias is None:
-            # No cache and no padding: the fused causal kernel (flash attention where available).
-            # NB: is_causal=True aligns the mask top-left, which is wrong once T < S, so the
-            # cached path always passes an explicit mask instead.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        y, present = self.kernel(self.c_attn(x), past, attn_bias, self.n_head, dropout_p)
+        return self.resid_dropout(self.c_proj(y)), present
 
 
 class MLP(nn.Module):
@@ -94,7 +130,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_bias, past):
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         attn_out, present = self.attn(self.ln_1(x), attn_bias, past)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
@@ -130,7 +171,7 @@ class GPT(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: PastKeyValues | None = None,
         use_cache: bool = False,
     ) -> GPTOutput:
         """Logits for ``input_ids`` (B, T), optionally continuing a KV cache.
@@ -143,11 +184,18 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
-        S = P + T
+        # Keys the new tokens attend over. The mask's width says it when given: an ONNX graph
+        # whose cache is a fixed-capacity buffer (--kv-cache inplace) has a past longer than P.
+        S = attention_mask.shape[1] if attention_mask is not None else P + T
         if not _tracing():
             if past_key_values is not None and len(past_key_values) != self.config.n_layer:
                 raise ConfigError(
                     f"past_key_values has {len(past_key_values)} layers, expected {self.config.n_layer}"
+                )
+            if S != P + T:
+                raise ConfigError(
+                    f"attention_mask covers {S} positions but the cache holds {P} and the input "
+                    f"{T}; it must cover both"
                 )
             # Learned positions end at block_size - 1. With padding, positions count real tokens
             # only, so the check is on the positions rather than on the cache length.
@@ -299,6 +347,32 @@ def init_weights(model: GPT, scheme: str) -> None:
             nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+@contextlib.contextmanager
+def attention_kernel(model: GPT, kernel: AttentionKernel) -> Iterator[GPT]:
+    """Compute every block's attention with ``kernel`` inside the ``with``; restored afterwards.
+
+    Everything else in the forward stays the model's own, so a graph traced inside (the
+    ``--kv-cache inplace`` export) cannot drift from what training and parity run.
+    """
+    blocks = [block.attn for block in model.transformer.h]
+    previous = [attn.kernel for attn in blocks]
+    for attn in blocks:
+        attn.kernel = kernel
+    try:
+        yield model
+    finally:
+        for attn, old in zip(blocks, previous, strict=True):
+            attn.kernel = old
+
+
+def fp32_cpu(model: GPT) -> GPT:
+    """``model`` itself when it is already fp32 on the CPU, else an fp32 CPU copy (never moved)."""
+    param = next(model.parameters())
+    if param.dtype == torch.float32 and param.device.type == "cpu":
+        return model
+    return copy.deepcopy(model).float().cpu()
 
 
 def _tracing() -> bool:

@@ -18,8 +18,8 @@ from gptkit.inspect_cmd import inspect_command
 from gptkit.run_cmd import run_command
 from gptkit.train_cmd import train_command
 from runtime.errors import GptkitError
+from runtime.files import DEFAULT_MODEL
 
-DEFAULT_MODEL = "model.onnx"
 DEFAULT_PROMPT = "ROMEO:"
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
+from export.options import DTYPES, QUANTIZATIONS, SUPPORTED_OPSETS, ExportOptions
 from runtime.errors import require
+from runtime.files import DEFAULT_MODEL
+from runtime.onnx_contract import KV_CACHE_MODES, KV_INPLACE
+
+_DEFAULTS = ExportOptions()
 
 
 @click.command("export")
-@click.argument("output", default="model.onnx", type=click.Path())
+@click.argument("output", default=DEFAULT_MODEL, type=click.Path())
 @click.option(
     "--checkpoint",
     type=click.Path(),
@@ -24,41 +27,49 @@ from runtime.errors import require
     type=click.Path(),
     help="A local Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files).",
 )
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (14-20).")
+@click.option(
+    "--opset",
+    type=int,
+    default=_DEFAULTS.opset,
+    show_default=True,
+    help=f"ONNX opset ({SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}).",
+)
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
+    type=click.Choice(DTYPES),
+    default=_DEFAULTS.dtype,
     show_default=True,
     help="fp16 halves the file and the KV cache (for GPUs; LayerNorm, Softmax, logits stay fp32).",
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["int8"]),
+    type=click.Choice(QUANTIZATIONS),
+    default=_DEFAULTS.quantize,
     help="Dynamic int8 quantisation of the MatMul weights (smaller and faster on CPU).",
 )
 @click.option(
     "--optimize",
     is_flag=True,
+    default=_DEFAULTS.optimize,
     help="Save ONNX Runtime's transformer fusions into the file (then ONNX Runtime only).",
 )
 @click.option(
     "--kv-cache",
-    type=click.Choice(["concat", "inplace"]),
-    default="concat",
+    type=click.Choice(KV_CACHE_MODES),
+    default=_DEFAULTS.kv_cache,
     show_default=True,
     help="inplace: attention as ONNX Runtime's GroupQueryAttention, the cache written in place "
     "(faster decoding, flat per-step cost; the file then needs ONNX Runtime).",
 )
 def export_command(
-    output: str = "model.onnx",
+    output: str = DEFAULT_MODEL,
     checkpoint: str | None = None,
     hf_dir: str | None = None,
-    opset: int = 17,
-    dtype: str = "fp32",
-    quantize: str | None = None,
-    optimize: bool = False,
-    kv_cache: str = "concat",
+    opset: int = _DEFAULTS.opset,
+    dtype: str = _DEFAULTS.dtype,
+    quantize: str | None = _DEFAULTS.quantize,
+    optimize: bool = _DEFAULTS.optimize,
+    kv_cache: str = _DEFAULTS.kv_cache,
 ) -> None:
     """Export a trained model to OUTPUT (default model.onnx) with a KV cache.
 
@@ -68,9 +79,9 @@ def export_command(
     """
     require("torch", extra="train", purpose="gptkit export")
     require("onnx", extra="train", purpose="gptkit export")
-    from export.onnx_export import ExportOptions, check_target, export_onnx
-    from export.parity import verify_parity
-    from runtime.errors import ExportError, ParityError
+    from export.onnx_export import check_target, export_onnx
+    from export.parity import ParityReport
+    from runtime.errors import ParityError
 
     if checkpoint and hf_dir:
         raise click.UsageError("give either --checkpoint or --hf, not both")
@@ -82,35 +93,22 @@ def export_command(
     check_target(target)  # before loading anything: a bad path should fail in a second
     model, tokenizer, source = _load(checkpoint, hf_dir)
     click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
-
-    # Export next to the target, verify, and only then move it into place: a model that fails
-    # its parity check never replaces a good file, and a crash leaves at most a hidden temp file.
-    try:  # os.access in check_target can say yes where writing fails (root, read-only mounts)
-        fd, staging_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
-    except OSError as e:
-        raise ExportError(f"cannot write to {target.parent}: {e.strerror or e}") from None
-    os.close(fd)
-    staging = Path(staging_name)
     try:
-        result = export_onnx(model, tokenizer, staging, options=options, source=source)
-        report = verify_parity(model, staging, variant=options.variant, raise_on_failure=False)
-        for line in report.lines():
-            click.echo(line)
-        if not report.ok:
-            raise ParityError(
-                f"parity check failed, {target} not written: " + "; ".join(report.failures)
-            )
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
+        result = export_onnx(model, tokenizer, target, options=options, source=source)
+    except ParityError as e:  # show the figures behind the refusal, then the one-line error
+        if isinstance(e.report, ParityReport):
+            click.echo("\n".join(e.report.lines()))
+        raise
+    assert result.parity is not None  # verified: the CLI always checks parity
+    click.echo("\n".join(result.parity.lines()))
 
     params_mb = result.n_params * 4 / 1e6
+    extras = (", optimized" if optimize else "") + (
+        ", in-place KV cache" if kv_cache == KV_INPLACE else ""
+    )
     click.echo(
-        f"Wrote {target}: {result.size_bytes / 1e6:.2f} MB "
-        f"({params_mb:.2f} MB of fp32 parameters, opset {opset}, {options.variant}"
-        f"{', optimized' if optimize else ''}{', in-place KV cache' if kv_cache == 'inplace' else ''}) in {result.export_seconds:.1f} s"
+        f"Wrote {target}: {result.size_bytes / 1e6:.2f} MB ({params_mb:.2f} MB of fp32 "
+        f"parameters, opset {opset}, {options.variant}{extras}) in {result.export_seconds:.1f} s"
     )
     for title, names in (("inputs", result.inputs), ("outputs", result.outputs)):
         click.echo(f"  {title}:")

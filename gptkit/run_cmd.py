@@ -13,8 +13,10 @@ import time
 import click
 
 from runtime.errors import ConfigError, require
+from runtime.files import DEFAULT_MODEL
+from runtime.sampling import CONTEXT_MODES, DEFAULT_MAX_NEW_TOKENS, SamplingConfig
 
-DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same default
+_DEFAULTS = SamplingConfig()
 
 
 @click.command("run")
@@ -27,7 +29,7 @@ DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same d
 @click.option(
     "--model",
     "-m",
-    default="model.onnx",
+    default=DEFAULT_MODEL,
     show_default=True,
     type=click.Path(dir_okay=False),
     help="Exported .onnx file.",
@@ -39,26 +41,41 @@ DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same d
     help=f"Tokens to generate [default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the context].",
 )
 @click.option(
-    "--temperature", "-t", type=float, default=0.8, show_default=True, help="0 means greedy."
+    "--temperature",
+    "-t",
+    type=float,
+    default=_DEFAULTS.temperature,
+    show_default=True,
+    help="0 means greedy.",
 )
 @click.option(
     "--top-k",
     type=int,
-    default=0,
+    default=_DEFAULTS.top_k,
     show_default=True,
     help="Keep the k most likely tokens (0 = off).",
 )
 @click.option(
-    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (1 = off)."
+    "--top-p",
+    type=float,
+    default=_DEFAULTS.top_p,
+    show_default=True,
+    help="Nucleus sampling (1 = off).",
 )
 @click.option(
     "--min-p",
     type=float,
-    default=0.0,
+    default=_DEFAULTS.min_p,
     show_default=True,
     help="Drop tokens below min_p x the top probability (0 = off).",
 )
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=_DEFAULTS.repetition_penalty,
+    show_default=True,
+    help="1 = off.",
+)
 @click.option("--seed", type=int, help="Make the output reproducible.")
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option(
@@ -67,8 +84,8 @@ DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same d
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads [default: all cores].")
 @click.option(
     "--context",
-    type=click.Choice(["error", "truncate"]),
-    default="error",
+    type=click.Choice(CONTEXT_MODES),
+    default=CONTEXT_MODES[0],
     show_default=True,
     help="Past the context length: fail, or keep the most recent tokens.",
 )
@@ -80,18 +97,18 @@ DEFAULT_MAX_NEW_TOKENS = 200  # shown in --help; runtime.sampling has the same d
 )
 def run_command(
     prompt: str | None = None,
-    model: str = "model.onnx",
+    model: str = DEFAULT_MODEL,
     max_new_tokens: int | None = None,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    temperature: float = _DEFAULTS.temperature,
+    top_k: int = _DEFAULTS.top_k,
+    top_p: float = _DEFAULTS.top_p,
+    min_p: float = _DEFAULTS.min_p,
+    repetition_penalty: float = _DEFAULTS.repetition_penalty,
     seed: int | None = None,
     stop: tuple[str, ...] = (),
     device: str = "cpu",
     threads: int | None = None,
-    context: str = "error",
+    context: str = CONTEXT_MODES[0],
     echo: bool = False,
     no_cache: bool = False,
 ) -> None:
@@ -105,7 +122,6 @@ def run_command(
     """
     require("onnxruntime", extra=None, purpose="gptkit run")
     from runtime.model import load
-    from runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(  # validates every value before the model is loaded
         max_new_tokens=max_new_tokens,  # None: 200, or what fits in the context

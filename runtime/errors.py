@@ -37,7 +37,15 @@ class ExportError(GptkitError):
 
 
 class ParityError(ExportError):
-    """ONNX Runtime and PyTorch disagree beyond tolerance."""
+    """ONNX Runtime and PyTorch disagree beyond tolerance; ``report`` says where and by how much.
+
+    ``report`` is the exporter's ``export.parity.ParityReport`` (typed loosely: this module sits
+    below the exporter and does not import it).
+    """
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class GenerationError(GptkitError, ValueError):

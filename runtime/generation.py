@@ -22,11 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
-from runtime.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingConfig, choose_token, log_softmax
+from runtime.sampling import (
+    CONTEXT_MODES,
+    DEFAULT_MAX_NEW_TOKENS,
+    SamplingConfig,
+    choose_token,
+    log_softmax,
+)
 from runtime.session import KVCache, OnnxSession
 from runtime.tokenizer import Tokenizer
 
-CONTEXT_MODES = ("error", "truncate")
 # Prompt tokens per forward pass. A long prompt in one pass needs logits [B, T, vocab] and
 # activations for all T at once. Measured, gpt2 fp32 in-place, a 1000-token prompt on 2 cores:
 # one pass 2.20 s and 1068 MiB peak; chunks of 256: 1.68 s, 774 MiB; 64: 1.67 s, 657 MiB.
@@ -42,7 +47,7 @@ class Token:
     logprob: float | None = None  # log p(id | row so far) under the model, before any processor
 
 
-class Decoder:
+class GenerationLoop:
     """One generation call's state: token rows, attention mask, KV cache and one RNG per row.
 
     Iterating yields :class:`Token` events, row by row within each step. :meth:`stop` finishes a
@@ -204,7 +209,7 @@ class TextTracker:
     """
 
     def __init__(self, tokenizer: Tokenizer, config: SamplingConfig) -> None:
-        self._decoder = tokenizer.stream_decoder()
+        self._utf8 = tokenizer.stream_decoder()
         self._eot = tokenizer.eot_token if config.stop_at_eot else None
         self._stops = config.stop
         self._hold = max((len(s) for s in config.stop), default=1) - 1
@@ -220,10 +225,10 @@ class TextTracker:
         if self.finished:
             return
         if token == self._eot:
-            self.text += self._decoder.flush()
+            self.text += self._utf8.flush()
             self.reason = "eot"
             return
-        self.text += self._decoder.add(token)
+        self.text += self._utf8.add(token)
         if self._stops:
             start = max(0, self.released - self._hold)
             hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
@@ -241,7 +246,7 @@ class TextTracker:
     def take_rest(self) -> str:
         """Everything not yet released, including a flushed incomplete character (as U+FFFD)."""
         if not self.finished:
-            self.text += self._decoder.flush()
+            self.text += self._utf8.flush()
         piece = self.text[self.released :]
         self.released = len(self.text)
         return piece

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from runtime.paths import gptkit_cache_dir
+from runtime.files import gptkit_cache_dir
 
 MIN_BYTES = 32 * 2**20
 MODEL_NAME = "model.onnx"

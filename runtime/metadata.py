@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ModelFileError, TokenizerError
+from runtime.onnx_contract import KV_CONCAT
 from runtime.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 1
 KEY_FORMAT = "gptkit.format_version"
 KEY_CONFIG = "gptkit.config"
 KEY_TOKENIZER = "gptkit.tokenizer"
@@ -26,16 +27,6 @@ KEY_EXPORT = "gptkit.export"
 
 # Model config fields the runtime needs to build KV-cache shapes and check the context limit.
 REQUIRED_CONFIG_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-
-# ``export["logits"]``: whether the graph returns logits for every position or only the last.
-LOGITS_ALL = "all"
-LOGITS_LAST = "last"
-
-# ``export["kv_cache"]``: "concat" (standard ONNX: present = past + new, a new tensor every step) or
-# "inplace" (ONNX Runtime's GroupQueryAttention: present may share the past's buffer and is then
-# written in place; without sharing it behaves like "concat").
-KV_CONCAT = "concat"
-KV_INPLACE = "inplace"
 
 
 @dataclass(frozen=True)
@@ -65,17 +56,13 @@ class ModelMetadata:
         return int(self.config["vocab_size"])
 
     @property
-    def logits(self) -> str:
-        return str(self.export.get("logits", LOGITS_ALL))
-
-    @property
     def kv_cache(self) -> str:
         return str(self.export.get("kv_cache", KV_CONCAT))
 
     def to_props(self) -> dict[str, str]:
         """The string properties to store in the ONNX file."""
         return {
-            KEY_FORMAT: str(FORMAT_VERSION),
+            KEY_FORMAT: str(MODEL_FORMAT_VERSION),
             KEY_CONFIG: json.dumps(self.config, sort_keys=True),
             KEY_TOKENIZER: self.tokenizer.to_bytes().decode("ascii"),
             KEY_EXPORT: json.dumps(self.export, sort_keys=True),
@@ -90,10 +77,10 @@ class ModelMetadata:
                 "re-create it with `gptkit export`"
             )
         version = props[KEY_FORMAT]
-        if version != str(FORMAT_VERSION):
+        if version != str(MODEL_FORMAT_VERSION):
             raise ModelFileError(
                 f"{source} has gptkit format version {version!r}, this gptkit reads "
-                f"{FORMAT_VERSION}; re-export it with this version of gptkit"
+                f"{MODEL_FORMAT_VERSION}; re-export it with this version of gptkit"
             )
         config = _json_object(props, KEY_CONFIG, source)
         for name in REQUIRED_CONFIG_FIELDS:

@@ -21,9 +21,9 @@ from typing import Any, overload
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
-from runtime.generation import CONTEXT_MODES, Decoder, TextTracker, Token, prefill
-from runtime.metadata import LOGITS_ALL
-from runtime.sampling import SamplingConfig, log_softmax
+from runtime.files import DEFAULT_MODEL
+from runtime.generation import GenerationLoop, TextTracker, Token, prefill
+from runtime.sampling import CONTEXT_MODES, SamplingConfig, log_softmax
 from runtime.session import OnnxSession
 from runtime.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ class ScoreResult:
 
 
 def load(
-    path: str | os.PathLike[str] = "model.onnx",
+    path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     device: str = "cpu",
     threads: int | None = None,
@@ -166,25 +166,25 @@ class Model:
         if not prompts:
             return []
         cfg = _sampling(sampling, options)
-        decoder = self._decoder(prompts, cfg, context, logprobs)
+        loop = self._loop(prompts, cfg, context, logprobs)
         trackers = [TextTracker(self.tokenizer, cfg) for _ in prompts]
         lps: list[list[float]] = [[] for _ in prompts]
-        for token in decoder:
+        for token in loop:
             tracker = trackers[token.row]
             tracker.add(token.id)
             if token.logprob is not None:
                 lps[token.row].append(token.logprob)
             if tracker.finished:
-                decoder.stop(token.row)
+                loop.stop(token.row)
         results = []
         for b, tracker in enumerate(trackers):
             tracker.take_rest()
             results.append(
                 GenerationResult(
                     text=tracker.text,
-                    token_ids=decoder.tokens[b][decoder.prompt_lengths[b] :],
+                    token_ids=loop.tokens[b][loop.prompt_lengths[b] :],
                     finish_reason=tracker.reason or "length",
-                    prompt_tokens=decoder.prompt_lengths[b],
+                    prompt_tokens=loop.prompt_lengths[b],
                     logprobs=lps[b] if logprobs else None,
                 )
             )
@@ -210,8 +210,8 @@ class Model:
         if not isinstance(prompt, str):
             raise ConfigError("stream() takes one prompt string; use generate() for a batch")
         cfg = _sampling(sampling, options)
-        decoder = self._decoder([prompt], cfg, context, logprobs)
-        return Stream(decoder, TextTracker(self.tokenizer, cfg), logprobs)
+        loop = self._loop([prompt], cfg, context, logprobs)
+        return Stream(loop, TextTracker(self.tokenizer, cfg), logprobs)
 
     def score(self, text: str | Sequence[int]) -> ScoreResult:
         """Per-token log-probabilities of ``text`` (each given everything before it), perplexity.
@@ -231,11 +231,6 @@ class Model:
                 raise ConfigError(f"token id {bad[0]} is outside 0..{self.tokenizer.n_vocab - 1}")
         else:
             raise ConfigError(f"score() takes a string or token ids, got {type(text).__name__}")
-        if self.metadata.logits != LOGITS_ALL:
-            raise GenerationError(
-                "this export returns logits for the last position only; score() needs every "
-                "position: re-export without the last-logits option"
-            )
         eot = self.tokenizer.eot_token
         inputs = ([eot] + ids[:-1]) if eot >= 0 else ids[:-1]
         targets = ids if eot >= 0 else ids[1:]
@@ -291,7 +286,7 @@ class Model:
             raise ConfigError("prompt_ids must be a list of token ids or a list of such lists")
         cfg = _sampling(sampling, options)
         return iter(
-            Decoder(
+            GenerationLoop(
                 self._session,
                 rows,
                 cfg,
@@ -304,11 +299,11 @@ class Model:
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _decoder(
+    def _loop(
         self, prompts: list[str], cfg: SamplingConfig, context: str, logprobs: bool
-    ) -> Decoder:
+    ) -> GenerationLoop:
         rows = [self._encode_prompt(p) for p in prompts]
-        return Decoder(
+        return GenerationLoop(
             self._session,
             rows,
             cfg,
@@ -338,8 +333,8 @@ class Stream:
     says how far it got); ``result`` is set when the iteration ends.
     """
 
-    def __init__(self, decoder: Decoder, tracker: TextTracker, logprobs: bool) -> None:
-        self._decoder = decoder
+    def __init__(self, loop: GenerationLoop, tracker: TextTracker, logprobs: bool) -> None:
+        self._loop = loop
         self._tracker = tracker
         self._logprobs = logprobs
         self._pieces = self._run()
@@ -355,13 +350,13 @@ class Stream:
 
     def _run(self) -> Iterator[str]:
         tracker = self._tracker
-        for token in self._decoder:
+        for token in self._loop:
             self.token_ids.append(token.id)
             if token.logprob is not None:
                 self.logprobs.append(token.logprob)
             tracker.add(token.id)
             if tracker.finished:
-                self._decoder.stop(0)
+                self._loop.stop(0)
             piece = tracker.take_ready()
             if piece:
                 yield piece
@@ -370,7 +365,7 @@ class Stream:
             text=tracker.text,
             token_ids=self.token_ids,
             finish_reason=tracker.reason or "length",
-            prompt_tokens=self._decoder.prompt_lengths[0],
+            prompt_tokens=self._loop.prompt_lengths[0],
             logprobs=self.logprobs if self._logprobs else None,
         )
         if rest:

@@ -29,6 +29,9 @@ import numpy as np
 from runtime.errors import ConfigError
 
 DEFAULT_MAX_NEW_TOKENS = 200
+# Past the context: "error" refuses the request, "truncate" keeps the most recent tokens
+# (runtime.generation explains how).
+CONTEXT_MODES = ("error", "truncate")
 
 
 @dataclass(frozen=True)

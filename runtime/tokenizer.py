@@ -24,6 +24,7 @@ from pathlib import Path
 import tiktoken
 
 from runtime.errors import TokenizerError
+from runtime.files import atomic_write_bytes
 
 # GPT-2's split pattern (tiktoken's r50k pattern): contractions, letters, numbers, punctuation runs
 # and whitespace, each optionally led by one space.
@@ -33,7 +34,7 @@ GPT2_PATTERN = (
 ENDOFTEXT = "<|endoftext|>"
 
 FORMAT = "gptkit-tokenizer"
-FORMAT_VERSION = 1
+TOKENIZER_FORMAT_VERSION = 1
 RANKS_FILENAME = "tokenizer.tiktoken"
 META_FILENAME = "tokenizer.json"
 
@@ -226,7 +227,7 @@ class Tokenizer:
     def _meta(self) -> dict:
         return {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": TOKENIZER_FORMAT_VERSION,
             "name": self.name,
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
@@ -236,11 +237,11 @@ class Tokenizer:
     def _from_meta(cls, meta: dict, ranks: dict[bytes, int]) -> Tokenizer:
         if not isinstance(meta, dict):
             raise TokenizerError("corrupt tokenizer metadata: expected a JSON object")
-        version = meta.get("version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
+        version = meta.get("version", TOKENIZER_FORMAT_VERSION)
+        if version != TOKENIZER_FORMAT_VERSION:
             raise TokenizerError(
                 f"tokenizer format version {version} is not supported (this gptkit reads "
-                f"{FORMAT_VERSION}); upgrade gptkit"
+                f"{TOKENIZER_FORMAT_VERSION}); upgrade gptkit"
             )
         specials = meta.get("special_tokens", {ENDOFTEXT: len(ranks)})
         if not isinstance(specials, dict) or not all(
@@ -270,28 +271,6 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory, then rename.
-
-    A crash at any moment leaves either the old file or the new one, never half of either.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _check_ranks(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.onnx_contract import ATTENTION_MASK, INPUT_IDS, PAST_PREFIX, POSITION_IDS, past_for
+
 ENV_MODEL = "GPTKIT_TEST_MODEL"
 TORCH_SEED = 1234
 
@@ -34,7 +36,7 @@ def export_tiny(directory: Path, *, dtype: str = "fp32") -> Exported:
     pytest.importorskip("onnx")
     import gzip
 
-    from export.onnx_export import ExportOptions, export_onnx
+    from export import ExportOptions, export_onnx
     from gpt_core.bpe import train_bpe
     from gpt_core.config import GPTConfig
     from gpt_core.model import GPT
@@ -74,3 +76,57 @@ def left_padded_mask(batch: int, total: int, padded: bool) -> np.ndarray:
 def positions_for(mask: np.ndarray, seq: int) -> np.ndarray:
     """Position ids of the last ``seq`` tokens under ``mask``: real tokens counted from 0."""
     return (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -seq:]
+
+
+# A plain onnxruntime loop, independent of runtime.session: the tests' second opinion on a graph.
+
+
+def ort_session(path: str | os.PathLike[str]) -> Any:
+    """A CPU InferenceSession with ORT's default optimisations and errors-only logging."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past tensors for the prompt step: (batch, n_head, 0, head_dim)."""
+    past = [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+    dtype = np.float16 if "float16" in past[0].type else np.float32
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=dtype) for i in past}
+
+
+def ort_step(
+    session: Any,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    past: dict[str, np.ndarray],
+) -> tuple[np.ndarray, list[np.ndarray], dict[str, np.ndarray]]:
+    """One forward: (logits, presents in output order, the past for the next step)."""
+    feed = {
+        INPUT_IDS: input_ids.astype(np.int64),
+        ATTENTION_MASK: attention_mask.astype(np.int64),
+        POSITION_IDS: position_ids.astype(np.int64),
+        **past,
+    }
+    names = [o.name for o in session.get_outputs()]
+    logits, *presents = session.run(None, feed)
+    next_past = {past_for(n): v for n, v in zip(names[1:], presents, strict=True)}
+    return logits, presents, next_past
+
+
+def ort_greedy(session: Any, prompt: list[int], n_tokens: int) -> list[int]:
+    """``n_tokens`` greedy ids after ``prompt`` with the graph's own cache fed back (batch 1)."""
+    ids = np.array([prompt], dtype=np.int64)
+    past = empty_past(session, 1)
+    length, produced = len(prompt), []
+    for _ in range(n_tokens):
+        positions = np.arange(length - ids.shape[1], length, dtype=np.int64)[None]
+        logits, _, past = ort_step(session, ids, np.ones((1, length), np.int64), positions, past)
+        token = int(logits[0, -1].argmax())
+        produced.append(token)
+        ids = np.array([[token]], dtype=np.int64)
+        length += 1
+    return produced

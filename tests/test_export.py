@@ -17,17 +17,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from export.onnx_export import (  # noqa: E402
-    ExportOptions,
-    export_onnx,
-    input_names,
-    output_names,
-)
+from export import ExportOptions, export_onnx  # noqa: E402
 from export.parity import verify_parity  # noqa: E402
 from gpt_core.config import GPTConfig  # noqa: E402
 from gpt_core.model import GPT  # noqa: E402
 from runtime.errors import ExportError  # noqa: E402
-from runtime.metadata import FORMAT_VERSION, LOGITS_ALL, ModelMetadata  # noqa: E402
+from runtime.metadata import MODEL_FORMAT_VERSION, ModelMetadata  # noqa: E402
+from runtime.onnx_contract import LOGITS_ALL, input_names, output_names  # noqa: E402
 
 SEED = 1234
 
@@ -99,11 +95,11 @@ def test_metadata_carries_everything_the_runtime_needs(exported, model, bpe_toke
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     props = session.get_modelmeta().custom_metadata_map
     meta = ModelMetadata.from_props(props, source="test")
-    assert props["gptkit.format_version"] == str(FORMAT_VERSION)
+    assert props["gptkit.format_version"] == str(MODEL_FORMAT_VERSION)
     assert meta.config == model.config.to_dict()
     assert meta.tokenizer == bpe_tokenizer
     export = meta.export
-    assert export["logits"] == LOGITS_ALL and meta.logits == LOGITS_ALL
+    assert export["logits"] == LOGITS_ALL
     assert (export["opset"], export["dtype"], export["quantize"]) == (17, "fp32", None)
     assert export["optimize"] is False and export["source"] == "unit-test"
     assert export["torch_version"] == torch.__version__
@@ -130,7 +126,7 @@ def test_the_fp32_head_reads_wte_in_vocabulary_slices(proto, model) -> None:
     """MatMul(x, Transpose(Slice(wte))) per slice, then Concat: ORT folds and prepacks one slice
     at a time, so loading never holds a whole transposed copy of the embedding next to its
     packed form (split_head)."""
-    from export.onnx_export import HEAD_PARTS
+    from export.graph_edits import HEAD_PARTS
 
     nodes = {n.output[0]: n for n in proto.graph.node}
     concat = nodes["logits"]

@@ -23,25 +23,26 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
-from runtime_helpers import left_padded_mask, positions_for  # noqa: E402
+from runtime_helpers import (  # noqa: E402
+    empty_past,
+    left_padded_mask,
+    ort_session,
+    ort_step,
+    positions_for,
+)
 
 import runtime.generation  # noqa: E402
-from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
-from export.parity import (  # noqa: E402
-    TOLERANCES,
-    empty_cache,
-    open_session,
-    run_step,
-    verify_parity,
-)
+from export import ExportOptions, export_onnx  # noqa: E402
+from export.parity import TOLERANCES, verify_parity  # noqa: E402
 from gpt_core.checkpoint import save_model  # noqa: E402
 from gpt_core.config import GPTConfig  # noqa: E402
 from gpt_core.model import GPT  # noqa: E402
 from gptkit.cli import cli  # noqa: E402
 from runtime.errors import ExportError, ModelFileError, ParityError  # noqa: E402
-from runtime.generation import Decoder  # noqa: E402
-from runtime.metadata import KV_CONCAT, KV_INPLACE, ModelMetadata  # noqa: E402
+from runtime.generation import GenerationLoop  # noqa: E402
+from runtime.metadata import ModelMetadata  # noqa: E402
 from runtime.model import Model  # noqa: E402
+from runtime.onnx_contract import KV_CONCAT, KV_INPLACE  # noqa: E402
 from runtime.sampling import SamplingConfig  # noqa: E402
 from runtime.session import OnnxSession  # noqa: E402
 
@@ -73,7 +74,7 @@ def make_model(seed: int = SEED, **overrides) -> GPT:
 
 
 def metadata(path: Path) -> ModelMetadata:
-    return ModelMetadata.from_props(open_session(path).get_modelmeta().custom_metadata_map)
+    return ModelMetadata.from_props(ort_session(path).get_modelmeta().custom_metadata_map)
 
 
 def gqa_nodes(proto) -> list:
@@ -117,7 +118,7 @@ def inplace_path(inplace_export) -> Path:
 @pytest.fixture(scope="module")
 def plain_session(inplace_path):
     """A bare InferenceSession: the graph used like the default one (no shared buffers)."""
-    return open_session(inplace_path)
+    return ort_session(inplace_path)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def test_same_inputs_outputs_and_signature_as_the_default_export(inplace_export,
     assert inplace_export.inputs == concat_export.inputs
     assert inplace_export.outputs == concat_export.outputs
     assert inplace_export.signature == concat_export.signature
-    a, b = open_session(inplace_export.path), open_session(concat_export.path)
+    a, b = ort_session(inplace_export.path), ort_session(concat_export.path)
     for got, expected in ((a.get_inputs(), b.get_inputs()), (a.get_outputs(), b.get_outputs())):
         assert [(v.name, v.type, v.shape) for v in got] == [
             (v.name, v.type, v.shape) for v in expected
@@ -239,7 +240,7 @@ def assert_matches_pytorch(model, expected, logits, presents, mask, length):
 def test_matrix_concat_mode(model, plain_session, batch, past, seq, padded):
     """The graph in a plain session: present = past + new, exactly like the default export."""
     ids, mask = matrix_case(batch, past, seq, padded)
-    torch_past, onnx_past = None, empty_cache(plain_session, batch)
+    torch_past, onnx_past = None, empty_past(plain_session, batch)
     if past:
         torch_past = torch_forward(model, ids[:, :past], mask[:, :past], past).past_key_values
         onnx_past = {
@@ -248,7 +249,7 @@ def test_matrix_concat_mode(model, plain_session, batch, past, seq, padded):
             for kind, tensor in zip(("key", "value"), pair, strict=True)
         }
     expected = torch_forward(model, ids[:, past:], mask, seq, torch_past)
-    logits, presents, _ = run_step(
+    logits, presents, _ = ort_step(
         plain_session, ids[:, past:], mask, positions_for(mask, seq), onnx_past
     )
     assert_matches_pytorch(model, expected, logits, presents, mask, past + seq)
@@ -332,12 +333,12 @@ def test_shared_buffers_hold_what_the_concat_mode_returns(model, shared_session,
     ids = rng.integers(0, cfg.vocab_size, (3, 6))
     mask = left_padded_mask(3, 6, padded=True)
     cache = shared_session.empty_cache(3, 10)
-    past = empty_cache(plain_session, 3)
+    past = empty_past(plain_session, 3)
     new = ids
     for _ in range(4):
         positions = positions_for(mask, new.shape[1])
         shared_logits, cache = shared_session.run(new, mask, positions, cache)
-        logits, presents, past = run_step(plain_session, new, mask, positions, past)
+        logits, presents, past = ort_step(plain_session, new, mask, positions, past)
         np.testing.assert_allclose(shared_logits, logits, rtol=0, atol=1e-5)
         for buffer, present in zip(cache.values, presents, strict=True):
             np.testing.assert_allclose(buffer[:, :, : cache.length], present, rtol=0, atol=1e-5)
@@ -511,7 +512,7 @@ def truncated_run(path: Path, prompts, n: int, eot: int = -1):
     session = OnnxSession(path, threads=1)
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eot=eot >= 0)
     tokenizer = session.metadata.tokenizer
-    decoder = Decoder(
+    decoder = GenerationLoop(
         session, prompts, cfg, n_vocab=tokenizer.n_vocab, eot_token=eot, context="truncate"
     )
     return rows_of(decoder, len(prompts)), decoder.prefills

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from export import ExportOptions, export_onnx  # noqa: E402
 from gpt_core.config import GPTConfig  # noqa: E402
 from gpt_core.model import GPT  # noqa: E402
 from gptkit.cli import cli  # noqa: E402

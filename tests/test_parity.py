@@ -16,17 +16,17 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from runtime_helpers import left_padded_mask, positions_for  # noqa: E402
-
-from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
-from export.parity import (  # noqa: E402
-    TOLERANCES,
-    empty_cache,
-    greedy_onnx,
-    open_session,
-    run_step,
-    verify_parity,
+from runtime_helpers import (  # noqa: E402
+    empty_past,
+    left_padded_mask,
+    ort_greedy,
+    ort_session,
+    ort_step,
+    positions_for,
 )
+
+from export import ExportOptions, export_onnx  # noqa: E402
+from export.parity import TOLERANCES, verify_parity  # noqa: E402
 from gpt_core.config import GPTConfig  # noqa: E402
 from gpt_core.model import GPT  # noqa: E402
 from runtime.errors import ParityError  # noqa: E402
@@ -65,7 +65,7 @@ def fp32_path(model, bpe_tokenizer, export_dir):
 
 @pytest.fixture(scope="module")
 def session(fp32_path):
-    return open_session(fp32_path)
+    return ort_session(fp32_path)
 
 
 CASES = list(itertools.product([1, 3], [0, 1, 7], [1, 5], [False, True]))
@@ -84,7 +84,7 @@ def test_matrix(model, session, batch, past, seq, padded) -> None:
 
     # The cache both sides continue from: PyTorch's prefill of the first `past` tokens.
     torch_past = None
-    onnx_past = empty_cache(session, batch)
+    onnx_past = empty_past(session, batch)
     if past:
         with torch.no_grad():
             prefill = model(
@@ -109,7 +109,7 @@ def test_matrix(model, session, batch, past, seq, padded) -> None:
             past_key_values=torch_past,
             use_cache=True,
         )
-    logits, presents, _ = run_step(session, new_ids, mask, positions, onnx_past)
+    logits, presents, _ = ort_step(session, new_ids, mask, positions, onnx_past)
 
     expected_logits = out.logits.numpy()
     assert logits.shape == (batch, seq, cfg.vocab_size)
@@ -127,16 +127,16 @@ def test_left_padding_does_not_change_real_rows(model, session) -> None:
     """The same prompt, alone and left-padded in a batch, gives the same last-position logits."""
     cfg = model.config
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 6)
-    alone, _, _ = run_step(
+    alone, _, _ = ort_step(
         session,
         prompt[None],
         np.ones((1, 6), np.int64),
         np.arange(6)[None],
-        empty_cache(session, 1),
+        empty_past(session, 1),
     )
     ids = np.stack([np.r_[np.zeros(3, np.int64), prompt], np.arange(9)])
     mask = np.array([[0, 0, 0] + [1] * 6, [1] * 9])
-    batched, _, _ = run_step(session, ids, mask, positions_for(mask, 9), empty_cache(session, 2))
+    batched, _, _ = ort_step(session, ids, mask, positions_for(mask, 9), empty_past(session, 2))
     np.testing.assert_allclose(batched[0, -1], alone[0, -1], rtol=0, atol=ATOL)
 
 
@@ -155,7 +155,7 @@ def test_greedy_tokens_identical(model, session, bpe_tokenizer) -> None:
         cached = model.generate(torch.tensor([prompt]), GREEDY_TOKENS, temperature=0)
     cached = cached[0, len(prompt) :].tolist()
     uncached = greedy_without_cache(model, prompt, GREEDY_TOKENS)
-    from_onnx = greedy_onnx(session, prompt, GREEDY_TOKENS)
+    from_onnx = ort_greedy(session, prompt, GREEDY_TOKENS)
     assert len(from_onnx) == GREEDY_TOKENS
     assert cached == uncached
     assert from_onnx == cached
@@ -267,7 +267,7 @@ def test_optimize_reports_the_fusions_that_happened(model, variant_files) -> Non
     proto = onnx.load(result.path)
     ops = {n.op_type for n in proto.graph.node}
     assert {"SkipLayerNormalization", "FastGelu"} <= ops and "Tanh" not in ops
-    session = open_session(result.path)
+    session = ort_session(result.path)
     export = session.get_modelmeta().custom_metadata_map["gptkit.export"]
     assert '"FastGelu": 2' in export and '"optimize": true' in export
     # still one copy of the tied embedding

@@ -72,7 +72,7 @@ def inplace_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     pytest.importorskip("torch")
     from runtime_helpers import export_tiny
 
-    from export.onnx_export import ExportOptions, export_onnx
+    from export import ExportOptions, export_onnx
 
     base = export_tiny(tmp_path_factory.mktemp("chunks"))
     path = base.path.with_name("inplace.onnx")

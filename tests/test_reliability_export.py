@@ -248,12 +248,12 @@ def test_ctrl_c_during_export_keeps_the_previous_file(
     target, previous, good_checkpoint, monkeypatch
 ):
     """Ctrl-C while the parity check runs: exit 130, 'Interrupted.', old file intact, no temp."""
-    import export.parity
+    import export.onnx_export
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.parity, "verify_parity", interrupted)
+    monkeypatch.setattr(export.onnx_export, "verify_parity", interrupted)
     result = gptkit_export(str(target), "--checkpoint", str(good_checkpoint))
     assert result.exit_code == 130 and "Interrupted." in result.stderr
     assert "Traceback" not in result.output

@@ -375,7 +375,7 @@ def _parse(props: dict[str, str]) -> None:
     # success: what the runtime reads next must be usable too
     assert meta.n_layer > 0 and meta.head_dim > 0 and meta.block_size > 0
     assert meta.tokenizer.n_vocab <= meta.vocab_size
-    assert isinstance(meta.logits, str)
+    assert isinstance(meta.kv_cache, str)
 
 
 @given(st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=12), st.text(), max_size=6))

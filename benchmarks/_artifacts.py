@@ -1,0 +1,241 @@
+"""The benchmarks' model files: random-init weights, their ONNX exports and genai_config.json.
+
+Made once per shape under the work directory and reused until the shape, the seed or the
+exporter's source changes. torch and the exporter are imported only when something is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as common
+
+from runtime import onnx_contract as contract
+
+# Exports made for each shape: directory -> (precision, ExportOptions.kv_cache). "fp32"/"int8" are
+# the default export (standard ONNX, the cache concatenated each step); "inplace-*" are
+# ``--kv-cache inplace`` (ORT's GroupQueryAttention writing into a shared past/present buffer).
+ARTIFACTS = {
+    "fp32": ("fp32", contract.KV_CONCAT),
+    "int8": ("int8", contract.KV_CONCAT),
+    "inplace-fp32": ("fp32", contract.KV_INPLACE),
+    "inplace-int8": ("int8", contract.KV_INPLACE),
+}
+
+
+def artifact_name(precision: str, kv_cache: str) -> str:
+    """The ARTIFACTS key of the export with this precision and cache mode."""
+    for name, spec in ARTIFACTS.items():
+        if spec == (precision, kv_cache):
+            return name
+    raise ValueError(f"no benchmark export for {precision} with kv_cache={kv_cache!r}")
+
+
+def prepare_artifacts(
+    shape: str,
+    root: Path,
+    *,
+    force: bool = False,
+    artifacts: list[str] | None = None,
+) -> dict:
+    """Random-init weights (seed 0) and their ONNX exports, cached under root/shape.
+
+    Layout: weights.pt (state dict for PyTorch and Hugging Face), <artifact>/model.onnx for each
+    of ``artifacts`` (default: all of ARTIFACTS), each with a genai_config.json beside it, and
+    manifest.json. Exports already there with the same stamp are kept; missing ones are added.
+    """
+    artifacts = list(artifacts or ARTIFACTS)
+    config = common.bench_config(shape)
+    shape_dir = root / shape
+    manifest_path = shape_dir / "manifest.json"
+    stamp = {
+        "config": config,
+        "weight_seed": common.WEIGHT_SEED,
+        "export_source": _exporter_fingerprint(),
+    }
+    manifest = None
+    if manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("stamp") != stamp or not (shape_dir / "weights.pt").exists():
+            manifest = None
+    exports = {
+        name: export
+        for name, export in (manifest or {}).get("exports", {}).items()
+        if Path(export["path"]).exists() and "kv_cache" in export
+    }
+    missing = [name for name in artifacts if name not in exports]
+    if manifest is not None and not missing:
+        for export in exports.values():  # cheap, and keeps them in step with this file
+            _write_genai_config_for(Path(export["path"]), config, export["kv_cache"])
+        return manifest
+
+    import torch
+
+    from gpt_core.config import GPTConfig
+    from gpt_core.model import GPT
+
+    torch.manual_seed(common.WEIGHT_SEED)
+    model = GPT(GPTConfig.from_dict(config)).eval()
+    shape_dir.mkdir(parents=True, exist_ok=True)
+    if manifest is None:  # new or changed weights: every export is rebuilt from them
+        torch.save(model.state_dict(), shape_dir / "weights.pt")
+        exports, missing = {}, artifacts
+    tokenizer = bench_tokenizer(config["vocab_size"])
+    for name in missing:
+        precision, kv_cache = ARTIFACTS[name]
+        path = shape_dir / name / "model.onnx"
+        path.parent.mkdir(exist_ok=True)
+        start = time.perf_counter()
+        exports[name] = {
+            "path": str(path),
+            "precision": precision,
+            "kv_cache": kv_cache,
+            "exporter": _export(model, tokenizer, path, precision, kv_cache),
+            "seconds": round(time.perf_counter() - start, 1),
+            "megabytes": round(path.stat().st_size / 1e6, 1),
+        }
+        _write_genai_config_for(path, config, kv_cache)
+    manifest = {
+        "shape": shape,
+        "stamp": stamp,
+        "config": config,
+        "n_params": model.num_params(),
+        "weights": str(shape_dir / "weights.pt"),
+        "exports": {name: exports[name] for name in ARTIFACTS if name in exports},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _exporter_fingerprint() -> str:
+    """Changes whenever the exporter's source or the ONNX contract does, so cached exports are
+    rebuilt."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for path in [*sorted((root / "export").glob("*.py")), Path(contract.__file__)]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _export(model, tokenizer, path: Path, precision: str, kv_cache: str) -> str:
+    """Export with gptkit's own exporter, as a user would (`gptkit export [--quantize int8]
+    [--kv-cache inplace]`); returns how, in words."""
+    from export.onnx_export import ExportOptions, export_onnx
+
+    options = ExportOptions(quantize="int8" if precision == "int8" else None, kv_cache=kv_cache)
+    export_onnx(model, tokenizer, path, options=options, source="benchmarks")
+    flag = f" --kv-cache {kv_cache}" if kv_cache != contract.KV_CONCAT else ""
+    return f"gptkit export_onnx{flag}"
+
+
+def bench_tokenizer(vocab_size: int):
+    """A byte-level tokenizer with exactly ``vocab_size`` ids (<|endoftext|> last).
+
+    The benchmark feeds random token ids, so the tokenizer only has to cover the vocabulary: the
+    gptkit runtime never chooses an id its tokenizer cannot decode, and a smaller tokenizer would
+    make its greedy choices differ from the other systems'.
+    """
+    from runtime.tokenizer import Tokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for first in range(256):
+        for second in range(256):
+            if len(ranks) >= vocab_size - 1:
+                return Tokenizer.from_ranks(ranks, name=f"bench-{vocab_size}")
+            ranks[bytes([first, second])] = len(ranks)
+    raise ValueError(f"vocab_size {vocab_size} is too large for the benchmark tokenizer")
+
+
+def write_genai_config(
+    model_dir: Path,
+    config: dict[str, Any],
+    filename: str = "model.onnx",
+    *,
+    share_buffer: bool = False,
+) -> Path:
+    """genai_config.json for onnxruntime-genai's generic ``decoder`` type over a gptkit export.
+
+    ``share_buffer`` is genai's ``past_present_share_buffer``. It must be false for the default
+    export: that graph concatenates the cache, so present.* grows by one position per step and
+    cannot alias a max-length past buffer. It is true for ``kv_cache="inplace"`` exports, whose
+    GroupQueryAttention writes the new positions into the past buffer when past and present are
+    the same OrtValue: genai then allocates one (batch, heads, max_length, head_dim) buffer per
+    layer and binds it as both. genai refuses a max_length above context_length (block_size); the
+    benchmark's generations (prompt + new tokens) stay within it.
+    """
+    n_head, n_embd = config["n_head"], config["n_embd"]
+    eos = config["vocab_size"] - 1
+    max_length = min(common.PROMPT_LEN + common.NEW_TOKENS, config["block_size"])
+    genai = {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "vocab_size": config["vocab_size"],
+            "context_length": config["block_size"],
+            "decoder": {
+                "session_options": {
+                    "intra_op_num_threads": common.THREADS,
+                    "inter_op_num_threads": 1,
+                    "provider_options": [],
+                },
+                "filename": filename,
+                "head_size": n_embd // n_head,
+                "hidden_size": n_embd,
+                "num_attention_heads": n_head,
+                "num_key_value_heads": n_head,
+                "num_hidden_layers": config["n_layer"],
+                # keys: genai's config fields; values: the export's names (the ONNX contract)
+                "inputs": {
+                    "input_ids": contract.INPUT_IDS,
+                    "attention_mask": contract.ATTENTION_MASK,
+                    "position_ids": contract.POSITION_IDS,
+                    "past_key_names": contract.genai_template(contract.PAST_KEY),
+                    "past_value_names": contract.genai_template(contract.PAST_VALUE),
+                },
+                "outputs": {
+                    "logits": contract.LOGITS,
+                    "present_key_names": contract.genai_template(contract.PRESENT_KEY),
+                    "present_value_names": contract.genai_template(contract.PRESENT_VALUE),
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_length": max_length,
+            "min_length": max_length,
+            "past_present_share_buffer": share_buffer,
+            "top_k": 1,
+            "temperature": 1.0,
+        },
+    }
+    path = model_dir / "genai_config.json"
+    path.write_text(json.dumps(genai, indent=2) + "\n")
+    return path
+
+
+def _write_genai_config_for(path: Path, config: dict[str, Any], kv_cache: str) -> None:
+    share = kv_cache == contract.KV_INPLACE
+    write_genai_config(path.parent, config, path.name, share_buffer=share)
+
+
+def warm_runtime_cache(manifest: dict, artifacts: list[str]) -> list[str]:
+    """Load each export once with ``runtime.load`` so the runtime's optimised-graph cache
+    (runtime.graph_cache, used for large models) holds it before anything is timed, as
+    ``gptkit export`` leaves it. Returns a note per file (which loads went through the cache)."""
+    import runtime.model
+
+    notes = []
+    for name in artifacts:
+        path = manifest["exports"][name]["path"]
+        model = runtime.model.load(path, threads=common.THREADS)
+        session = getattr(model, "_session", None)
+        cached = getattr(session, "cached", None)
+        notes.append(f"{name}: {'through the load cache' if cached else 'plain load'}")
+    return notes

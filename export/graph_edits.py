@@ -1,0 +1,150 @@
+"""Edits of an exported ONNX graph: the tied output head, and node order.
+
+The exporter and its variants (``export.variants``) apply these to an ``onnx.ModelProto`` in
+place; they know nothing about PyTorch. The tied embedding ``transformer.wte.weight`` is stored
+once in the file, and the output head reads it through a Transpose node named HEAD_TRANSPOSE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+
+HEAD_TRANSPOSE = "lm_head/Transpose"  # the node through which the output head reads wte
+HEAD_PARTS = 4  # vocabulary slices of the fp32 output head (see split_head)
+
+
+def tie_embedding(proto: onnx.ModelProto) -> bool:
+    """Store the tied embedding once: the head reads Transpose(wte) instead of a folded copy.
+
+    Constant folding turns ``lm_head.weight`` (= wte) into a second, transposed initializer, which
+    doubles the embedding's bytes in the file. Find that copy and replace it by a Transpose node.
+    Returns whether a copy was found. ONNX Runtime folds the Transpose again in memory at load
+    (in slices, for fp32 files: see split_head).
+    """
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    wte = next((i for i in graph.initializer if i.name.endswith("transformer.wte.weight")), None)
+    if wte is None:
+        return False
+    wte_array = onnx.numpy_helper.to_array(wte)
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        candidate = inits[node.input[1]]
+        if tuple(candidate.dims) != tuple(reversed(wte.dims)):
+            continue
+        if not (onnx.numpy_helper.to_array(candidate) == wte_array.T).all():
+            continue
+        transposed = "lm_head.weight_transposed"
+        graph.initializer.remove(candidate)
+        graph.node.insert(
+            0,
+            onnx.helper.make_node(
+                "Transpose", [wte.name], [transposed], perm=[1, 0], name=HEAD_TRANSPOSE
+            ),
+        )
+        node.input[1] = transposed
+        return True
+    return False
+
+
+def split_head(proto: onnx.ModelProto, parts: int = HEAD_PARTS) -> bool:
+    """Compute the tied output head in ``parts`` vocabulary slices: MatMul(x, Transpose(Slice(wte))).
+
+    ONNX Runtime constant-folds each Transpose(Slice(wte)) into its own initializer and prepacks
+    it for the MatMul, after which the folded copy is released. With one [C, V] head that copy
+    is 154 MB (gpt2) held next to its packed form while it is packed: the load's peak memory.
+    Slices make that transient 1 / parts as large; the logits Concat costs ~0.2 MB a step. The
+    file still stores wte once. Returns whether the head was found (fp32 graphs).
+    """
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    graph = proto.graph
+    transpose = next((n for n in graph.node if n.name == HEAD_TRANSPOSE), None)
+    if transpose is None:
+        return False
+    head = next(
+        (n for n in graph.node if n.op_type == "MatMul" and transpose.output[0] in n.input), None
+    )
+    wte = next((i for i in graph.initializer if i.name == transpose.input[0]), None)
+    if head is None or wte is None:
+        return False
+    bounds = np.linspace(0, wte.dims[0], parts + 1).astype(np.int64)
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "lm_head/slice_axes")
+    graph.initializer.append(axes)
+    new_nodes, pieces = [], []
+    for k in range(parts):
+        prefix = f"lm_head/part{k}"
+        for which, value in (("start", bounds[k]), ("end", bounds[k + 1])):
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([value], dtype=np.int64), f"{prefix}/{which}")
+            )
+        new_nodes += [
+            helper.make_node(
+                "Slice",
+                [wte.name, f"{prefix}/start", f"{prefix}/end", axes.name],
+                [f"{prefix}/rows"],
+                name=f"{prefix}/Slice",
+            ),
+            helper.make_node(
+                "Transpose",
+                [f"{prefix}/rows"],
+                [f"{prefix}/weight"],
+                perm=[1, 0],
+                name=f"{prefix}/Transpose",
+            ),
+            helper.make_node(
+                "MatMul",
+                [head.input[0], f"{prefix}/weight"],
+                [f"{prefix}/logits"],
+                name=f"{prefix}/MatMul",
+            ),
+        ]
+        pieces.append(f"{prefix}/logits")
+    new_nodes.append(
+        helper.make_node("Concat", pieces, list(head.output), axis=-1, name="lm_head/Concat")
+    )
+    index = list(graph.node).index(head)
+    graph.node.remove(head)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(index + offset, node)
+    graph.node.remove(transpose)
+    return True
+
+
+def untie_embedding(proto: onnx.ModelProto) -> None:
+    """Give the head its own transposed weight (int8 quantises it apart from the Gather)."""
+    graph = proto.graph
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Transpose" and node.name == HEAD_TRANSPOSE:
+            wte = next(i for i in graph.initializer if i.name == node.input[0])
+            array = onnx.numpy_helper.to_array(wte).T.copy()
+            graph.initializer.append(onnx.numpy_helper.from_array(array, name=node.output[0]))
+            del graph.node[index]
+            return
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after its inputs' producers (stable).
+
+    ONNX Runtime accepts any order, but the ONNX checker (and other runtimes) require this.
+    """
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

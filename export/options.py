@@ -1,0 +1,53 @@
+"""What an export can be asked for, validated before any work: :class:`ExportOptions`.
+
+Torch-free, so ``gptkit export --help`` shows these defaults and choices without importing the
+exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.errors import ExportError
+from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT
+
+DEFAULT_OPSET = 17  # first opset with LayerNormalization; what ORT's transformer fusions know best
+SUPPORTED_OPSETS = range(14, 21)  # 14: first with SDPA's ops; 20: the TorchScript exporter's last
+DTYPES = ("fp32", "fp16")
+QUANTIZATIONS = ("int8",)
+
+
+@dataclass
+class ExportOptions:
+    """How to export: opset, weight dtype, int8 quantisation, fusions and the KV-cache kind."""
+
+    opset: int = DEFAULT_OPSET
+    dtype: str = "fp32"  # fp16 halves the file and the KV cache (for GPUs)
+    quantize: str | None = None  # "int8": dynamic int8 MatMul weights (CPU)
+    optimize: bool = False  # save ONNX Runtime's transformer fusions into the file
+    kv_cache: str = KV_CONCAT  # or KV_INPLACE: ONNX Runtime's GroupQueryAttention, in place
+
+    @property
+    def variant(self) -> str:
+        """The name parity tolerances are keyed by: fp32, fp16 or int8."""
+        return self.quantize or self.dtype
+
+    def validate(self) -> None:
+        """Reject unsupported values and combinations before any work is done."""
+        if isinstance(self.opset, bool) or self.opset not in SUPPORTED_OPSETS:
+            raise ExportError(
+                f"opset {self.opset} is not supported; use one of "
+                f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})"
+            )
+        if self.dtype not in DTYPES:
+            raise ExportError(f"unknown dtype {self.dtype!r}; choose {' or '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ExportError(f"unknown quantization {self.quantize!r}; the only one is int8")
+        if self.kv_cache not in KV_CACHE_MODES:
+            choices = " or ".join(KV_CACHE_MODES)
+            raise ExportError(f"unknown KV cache {self.kv_cache!r}; choose {choices}")
+        if self.dtype == "fp16" and self.quantize:
+            raise ExportError(
+                "--dtype fp16 and --quantize int8 cannot be combined; int8 keeps fp32 "
+                "activations, so pick one"
+            )
