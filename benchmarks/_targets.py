@@ -120,7 +120,7 @@ def targets_section(results: Results) -> list[str]:
     if not rows:
         return []
     return [
-        "## Issue 6 targets (batch 1)",
+        "## Targets (batch 1)",
         "",
         "| target | gptkit variant (its faster one at this precision) | this run | verdict | "
         "the other variant |",

@@ -56,8 +56,9 @@ def split_head(proto: onnx.ModelProto, parts: int = HEAD_PARTS) -> bool:
 
     ONNX Runtime constant-folds each Transpose(Slice(wte)) into its own initializer and prepacks
     it for the MatMul, after which the folded copy is released. With one [C, V] head that copy
-    is 154 MB (gpt2) held next to its packed form while it is packed: the load's peak memory.
-    Slices make that transient 1 / parts as large; the logits Concat costs ~0.2 MB a step. The
+    is as large as the embedding, held next to its packed form while it is packed: the load's
+    peak memory. Slices make that transient 1 / parts as large, for one small logits Concat a
+    step. The
     file still stores wte once. Returns whether the head was found (fp32 graphs).
     """
     helper, numpy_helper = onnx.helper, onnx.numpy_helper

@@ -18,7 +18,7 @@ import onnx
 from export.graph_edits import sort_topologically, tie_embedding, untie_embedding
 
 # Ops that stay fp32 in the fp16 variant: normalisation statistics and softmax sums lose too much
-# precision (or overflow) in fp16 (ANCHORS pitfall 8; ORT's GPT-2 recipe does the same).
+# precision (or overflow) in fp16 (ORT's own GPT-2 fp16 recipe keeps the same ops in fp32).
 FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
@@ -27,7 +27,7 @@ def optimize(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.Mod
 
     Returns the model and the fusions that actually happened, as ``{fused op: count}`` (zero
     counts dropped). On gptkit's graph this is SkipLayerNormalization and FastGelu; ORT's GPT-2
-    Attention fusion pattern-matches Hugging Face's graph and does not apply (ANCHORS pitfall 12).
+    Attention fusion pattern-matches Hugging Face's graph and does not apply to gptkit's graph (attention is written with SDPA's ops).
     The fused ops are ``com.microsoft`` contrib ops: the file then runs on ONNX Runtime only.
     """
     from onnxruntime.transformers.optimizer import optimize_model
@@ -52,8 +52,7 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Dynamic int8 quantisation of every MatMul weight, the output head included.
 
     The head gets its own copy of the (transposed) embedding first: quantised while tied, the
-    embedding would be dequantised into the head at every step, which is slower than fp32
-    (BASELINES F2 vs F4). The embedding Gather keeps its fp32 table.
+    embedding would be dequantised into the head at every step, which is slower than the fp32 head. The embedding Gather keeps its fp32 table.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

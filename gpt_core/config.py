@@ -105,8 +105,8 @@ class GPTConfig:
 PRESETS: dict[str, GPTConfig] = {
     # 2 layers, 64 wide: fast enough for every test.
     "tiny": GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-    # `gptkit train`'s default: about ten minutes on 2 CPU cores to ~2.1 bits/char on Tiny
-    # Shakespeare, with the 2,048-id BPE trained on it (a token is ~2.9 characters there).
+    # `gptkit train`'s default: sized for a laptop's CPU and Tiny Shakespeare, with the 2,048-id
+    # BPE trained on it (the README quotes what the default run reaches).
     "small-cpu": GPTConfig(
         vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.1
     ),
