@@ -29,11 +29,11 @@ import torch
 
 from gpt_core.config import GPTConfig
 from gpt_core.model import GPT
+from gpt_core.train_config import DEFAULT_RUN_DIR
 from runtime.errors import CheckpointError, GptkitError
 from runtime.files import atomic_write_bytes
 from runtime.tokenizer import META_FILENAME, Tokenizer
 
-DEFAULT_RUN_DIR = Path("runs") / "default"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"

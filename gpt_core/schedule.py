@@ -1,4 +1,4 @@
-"""The optimisation recipe: device, precision, AdamW groups and the learning-rate schedule.
+"""The training recipe: device and threads, precision, AdamW groups, the learning-rate schedule.
 
 Kept apart from the loop in ``gpt_core.train`` so each piece can be read (and tested) alone.
 """
@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from typing import Any
 
 import torch
 
+from gpt_core.distributed import Distributed
+from gpt_core.train_config import PRECISIONS, TRAIN_DEVICES
 from runtime.errors import ConfigError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an unavailable choice is a one-line error."""
-    if name not in DEVICES:
-        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name not in TRAIN_DEVICES:
+        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(TRAIN_DEVICES)}")
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -34,6 +35,18 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps was asked for but is not available here; use cpu")
     return torch.device(name)
+
+
+def set_threads(threads: int | None, dist: Distributed) -> None:
+    """Set torch's CPU threads; by default several ranks on one CPU split its cores between them.
+
+    Left alone, every rank would start one thread per core and oversubscribe the machine.
+    """
+    if threads is None and dist.enabled and not torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -52,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()

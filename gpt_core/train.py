@@ -10,6 +10,10 @@ stops at once (the previous checkpoint stays loadable).
 
 Runs under ``torchrun`` too (see ``gpt_core.distributed``): rank 0 alone evaluates, writes and
 reports; each rank takes its share of every micro-batch; gradients synchronise on the last one.
+
+Read it top to bottom: :func:`train` is the whole loop; :class:`_Run` holds one session's state
+and does each part of it, in order: setup (device, tokenizer and model, data, optimizer, the
+restored state), one optimizer step, evaluation, and saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,20 +26,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
 from gpt_core import schedule
-from gpt_core.checkpoint import (
-    load_model,
-    load_training_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint, save_checkpoint
 from gpt_core.config import GPTConfig
 from gpt_core.dataset import (
     CustomDataset,
@@ -53,44 +53,20 @@ from gpt_core.metrics import (
     write_loss_plot,
 )
 from gpt_core.model import GPT
-from gpt_core.train_config import DEFAULT_MAX_STEPS, RESUME_FIXED, TrainConfig
+from gpt_core.train_config import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_PRESET,
+    RESUME_FIXED,
+    TrainConfig,
+    check_resume,
+)
+from gpt_core.train_events import Callback, Event, TrainResult
 from runtime.errors import CheckpointError, ConfigError
 from runtime.tokenizer import Tokenizer
 
 
-@dataclass
-class Event:
-    """Something a progress display may want to show.
-
-    kind: "start" (params, device, tokens, vocab, steps_per_epoch, world_size), "step" (loss, lr,
-    grad_norm, tokens_per_s, epoch), "eval" (the step's fields plus val_loss, val_bpc, sample,
-    best), "checkpoint" (path, best), "interrupted" (run_dir), "done" (plot: path or None).
-    """
-
-    kind: str
-    step: int
-    total_steps: int
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    best_val_loss: float  # nats per token
-    best_val_bpc: float  # bits per character of raw text, comparable across tokenizers
-    interrupted: bool
-    seconds: float  # training time, summed over resumed sessions
-    model: GPT  # the model after the last step (on its training device)
-    tokenizer: Tokenizer
-    rank: int = 0  # under torchrun, only rank 0 should report
-
-
-Callback = Callable[[Event], None]
-
-
 def train(
-    model_config: GPTConfig,
+    model_config: GPTConfig | None,
     config: TrainConfig,
     *,
     callback: Callback | None = None,
@@ -99,111 +75,278 @@ def train(
 ) -> TrainResult:
     """Train a model of ``model_config`` as ``config`` says; returns where it saved and the result.
 
-    resume: continue the run in ``config.out_dir`` from its ``last`` checkpoint (the model shape
-        and the fields in RESUME_FIXED come from the checkpoint).
-    init_from: start from a gptkit checkpoint or a local Hugging Face GPT-2 directory (its shape
-        and tokenizer; ``model_config`` is not used).
+    model_config: the model's shape (its vocab_size always comes from the tokenizer); ``None``
+        means the ``DEFAULT_PRESET`` shape for a new run, and the run's own shape on resume.
+    resume: continue the run in ``config.out_dir`` from its ``last`` checkpoint, bit for bit. The
+        run keeps its shape and the fields in ``RESUME_FIXED`` (data, tokenizer, batch, schedule,
+        seed, ...), and a conflicting request is a ConfigError, never silently dropped: a given
+        ``model_config`` must be the run's shape, and each RESUME_FIXED field of ``config`` set
+        to something other than its TrainConfig default must equal the run's value (fields left
+        at their defaults take the run's). The other fields (device, precision, compile,
+        threads, logging and samples) apply to the resumed session as given.
+    init_from: start a new run from a gptkit checkpoint or a local Hugging Face GPT-2 directory
+        (its shape, weights and tokenizer; ``model_config`` is not used). Not with ``resume``.
     """
     if resume and init_from is not None:
-        raise ConfigError("--resume continues a run and --init-from starts one; pick one")
-    callback = callback or (lambda event: None)
-    run_dir = Path(config.out_dir)
-    state = None
-    if resume:
-        checkpoint = last_checkpoint(run_dir)
-        state = load_training_state(checkpoint)
-        model, tokenizer = load_model(checkpoint)
-        saved = state.get("train_config", {})
-        config = dataclasses.replace(config, **{k: saved[k] for k in RESUME_FIXED if k in saved})
+        raise ConfigError(
+            "--resume and --init-from cannot be combined: resume continues a run, "
+            "init-from starts a new one"
+        )
     config.validate()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; give a directory for the run")
+    restored = None
+    if resume:  # the run's recipe replaces the defaults (checked and validated when it began)
+        config, restored = _restore(model_config, config)
+    if Path(config.out_dir).exists() and not Path(config.out_dir).is_dir():
+        raise ConfigError(f"--out {config.out_dir} is a file; give a directory for the run")
+
     dist = Distributed.from_env()
+    try:
+        run = _Run(model_config, config, dist, callback, restored, init_from)
+        run.start()
+        with _StopOnSigint() as stop:
+            while run.step < run.total:
+                record = run.optimizer_step()
+                stopping = dist.broadcast_flag(stop.requested)
+                # Evaluate and checkpoint every eval_interval steps, at each epoch's end, at the
+                # last step and on Ctrl-C; in between, a metrics row every log_interval steps.
+                step = run.step
+                due = step % config.eval_interval == 0 or step % run.steps_per_epoch == 0
+                if dist.is_main and (due or step == run.total or stopping):
+                    run.evaluate_and_save(record)
+                elif dist.is_main and config.log_interval and step % config.log_interval == 0:
+                    append_metrics(run.metrics_path, record)
+                if stopping:
+                    run.interrupted = True
+                    run.emit("interrupted", {"run_dir": str(run.run_dir)})
+                    break
+        dist.barrier()
+    finally:
+        dist.close()
+    if dist.is_main and not run.interrupted:
+        run.emit("done", {"plot": write_loss_plot(run.metrics_path, run.run_dir / PLOT_FILE)})
+    return run.result()
 
-    def emit(event: Event) -> None:
-        if dist.is_main:  # one report, not one per rank
-            callback(event)
 
-    dist.check_batch(config.batch_size)
-    _set_threads(config.threads, dist)
-    device = schedule.pick_device(config.device, dist.local_rank)
-    precision = schedule.resolve_precision(config.precision, device)
-    files = resolve_text_files(config.data) if config.data else [bundled_corpus_path()]
-    if init_from is not None:
-        model, tokenizer = _init_from(Path(init_from))
-    elif not resume:
-        tokenizer = build_tokenizer(config.tokenizer, files, config.vocab_size)
-        torch.manual_seed(config.seed)
-        model = GPT(model_config.replace(vocab_size=tokenizer.n_vocab))
-    block_size = model.config.block_size
-    train_set = CustomDataset(files, tokenizer, block_size, val_fraction=config.val_fraction)
-    val_set = CustomDataset(
-        files, tokenizer, block_size, split="val", val_fraction=config.val_fraction
-    )
+@dataclass
+class _Restored:
+    """What a resumed run takes from its ``last`` checkpoint."""
 
-    model.to(device)
-    optimizer = schedule.make_optimizer(
-        model,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        betas=(config.beta1, config.beta2),
-        device=device,
-    )
-    scaler = schedule.grad_scaler(precision, device)
-    global_batch = config.batch_size * config.grad_accum
-    steps_per_epoch = max(1, len(train_set.epoch_starts(0, config.seed)) // global_batch)
-    total = schedule.total_steps(
-        config.max_steps, config.epochs, steps_per_epoch, default=DEFAULT_MAX_STEPS
-    )
-    sampler = torch.Generator().manual_seed(config.seed)
-    step, best_val, best_bpc, elapsed_before = 0, math.inf, math.inf, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-        best_val, best_bpc = float(state["best_val_loss"]), float(state["best_val_bpc"])
+    model: GPT
+    tokenizer: Tokenizer
+    state: dict[str, Any]  # optimizer, scaler, step, RNG states, the run's train_config
+
+
+def _restore(model_config: GPTConfig | None, config: TrainConfig) -> tuple[TrainConfig, _Restored]:
+    """Load the run to resume, refuse conflicting requests, and take its RESUME_FIXED fields."""
+    run_dir = Path(config.out_dir)
+    checkpoint = last_checkpoint(run_dir)
+    state = load_training_state(checkpoint)
+    model, tokenizer = load_model(checkpoint)
+    saved = state.get("train_config", {})
+    check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
+    config = dataclasses.replace(config, **{k: saved[k] for k in RESUME_FIXED if k in saved})
+    return config, _Restored(model, tokenizer, state)
+
+
+class _Run:
+    """One training session: everything the loop reads and updates, and the steps it takes."""
+
+    def __init__(
+        self,
+        model_config: GPTConfig | None,
+        config: TrainConfig,
+        dist: Distributed,
+        callback: Callback | None,
+        restored: _Restored | None,
+        init_from: str | os.PathLike[str] | None,
+    ) -> None:
+        self.config, self.dist, self.callback = config, dist, callback
+        self.run_dir = Path(config.out_dir)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.interrupted = False
+
+        # Device, threads and precision.
+        dist.check_batch(config.batch_size)
+        schedule.set_threads(config.threads, dist)
+        self.device = schedule.pick_device(config.device, dist.local_rank)
+        self.precision = schedule.resolve_precision(config.precision, self.device)
+
+        # Tokenizer and model: from the run, from init_from, or new (seeded, so runs repeat).
+        files = resolve_text_files(config.data) if config.data else [bundled_corpus_path()]
+        if restored is not None:
+            self.model, self.tokenizer = restored.model, restored.tokenizer
+        elif init_from is not None:
+            self.model, self.tokenizer = _init_from(Path(init_from))
+        else:
+            self.tokenizer = build_tokenizer(config.tokenizer, files, config.vocab_size)
+            torch.manual_seed(config.seed)
+            shape = GPTConfig.preset(DEFAULT_PRESET) if model_config is None else model_config
+            self.model = GPT(shape.replace(vocab_size=self.tokenizer.n_vocab))
+
+        # Data: fixed train/val splits of the token stream, in block-size windows.
+        block_size = self.model.config.block_size
+        self.train_set = CustomDataset(
+            files, self.tokenizer, block_size, val_fraction=config.val_fraction
+        )
+        self.val_set = CustomDataset(
+            files, self.tokenizer, block_size, split="val", val_fraction=config.val_fraction
+        )
+        self.token_chars = torch.from_numpy(token_char_counts(self.tokenizer))
+        self.global_batch = config.batch_size * config.grad_accum
+        self.tokens_per_step = self.global_batch * block_size
+        self.steps_per_epoch = max(
+            1, len(self.train_set.epoch_starts(0, config.seed)) // self.global_batch
+        )
+        self.total = schedule.total_steps(
+            config.max_steps, config.epochs, self.steps_per_epoch, default=DEFAULT_MAX_STEPS
+        )
+
+        # Optimizer, loss scaler and the sampler's generator.
+        self.model.to(self.device)
+        self.optimizer = schedule.make_optimizer(
+            self.model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.beta1, config.beta2),
+            device=self.device,
+        )
+        self.scaler = schedule.grad_scaler(self.precision, self.device)
+        self.sampler = torch.Generator().manual_seed(config.seed)
+
+        # Progress, then the resumed run's state on top of the fresh one.
+        self.step, self.best_val, self.best_bpc, self.elapsed_before = 0, math.inf, math.inf, 0.0
+        self.saved_config: dict[str, Any] = {
+            **dataclasses.asdict(config),
+            "init_from": None if init_from is None else str(init_from),
+        }
+        if restored is not None:
+            self._load_state(restored.state)
+        self.elapsed = self.elapsed_before
+
+        # DDP wrapping and compilation: the forward the steps use.
+        self.ddp_model = dist.wrap(self.model, self.device)
+        self.forward: Callable[..., Any] = (
+            torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        )
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        self.best_val, self.best_bpc = float(state["best_val_loss"]), float(state["best_val_bpc"])
         torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        sampler.set_state(state["sampler_rng"])
-    saved_config = {**dataclasses.asdict(config), "init_from": _str_or_none(init_from)}
-    if state is not None:
-        saved_config["init_from"] = state.get("train_config", {}).get("init_from")
-    ddp_model = dist.wrap(model, device)
-    forward = torch.compile(ddp_model) if config.compile else ddp_model
-    chars = torch.from_numpy(token_char_counts(tokenizer))
-    metrics_path = run_dir / METRICS_FILE
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, step)
-    emit(
-        Event(
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.sampler.set_state(state["sampler_rng"])
+        self.saved_config["init_from"] = state.get("train_config", {}).get("init_from")
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Report an event (rank 0 only: one report, not one per rank)."""
+        if self.dist.is_main and self.callback is not None:
+            self.callback(Event(kind, self.step, self.total, data))
+
+    def start(self) -> None:
+        """Prepare the run directory, announce the run, and start the clock."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.metrics_path, self.step)  # rows past the checkpoint are redone
+        self.emit(
             "start",
-            step,
-            total,
             {
-                "params": model.num_params(),
-                "device": str(device),
-                "precision": precision,
-                "tokens": len(train_set.ids),
-                "vocab": tokenizer.n_vocab,
-                "steps_per_epoch": steps_per_epoch,
-                "world_size": dist.world_size,
+                "params": self.model.num_params(),
+                "device": str(self.device),
+                "precision": self.precision,
+                "tokens": len(self.train_set.ids),
+                "vocab": self.tokenizer.n_vocab,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.dist.world_size,
             },
         )
-    )
+        self.started = time.perf_counter()
 
-    def evaluate() -> dict[str, Any]:
+    def optimizer_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; emits and returns its metrics."""
+        config, dist = self.config, self.dist
+        t0 = time.perf_counter()
+        lr = schedule.learning_rate(
+            self.step,
+            self.total,
+            lr=config.lr,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        batch = slice(index * self.global_batch, (index + 1) * self.global_batch)
+        starts = self.train_set.epoch_starts(epoch, config.seed)[batch]
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            micro_starts = starts[micro * config.batch_size : (micro + 1) * config.batch_size]
+            x, y = self.train_set.batch(dist.shard(micro_starts))
+            x, y = x.to(self.device), y.to(self.device)
+            last_micro = micro == config.grad_accum - 1
+            with (
+                dist.sync_gradients(self.ddp_model, last_micro),
+                schedule.autocast(self.precision, self.device),
+            ):
+                loss = self.forward(x, y).loss / config.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        loss_sum = dist.mean(loss_sum)  # every rank's share of the batch
+        now = time.perf_counter()
+        self.elapsed = self.elapsed_before + now - self.started
+        record = {
+            "step": self.step,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": self.tokens_per_step / (now - t0),
+            "epoch": self.step / self.steps_per_epoch,
+            "elapsed_s": self.elapsed,
+        }
+        self.emit("step", record)
+        return record
+
+    def evaluate_and_save(self, record: dict[str, Any]) -> None:
+        """Evaluate, log the step with its validation figures, and checkpoint (best when best)."""
+        result = self.evaluate()
+        is_best = result["val_loss"] < self.best_val
+        if is_best:
+            self.best_val, self.best_bpc = result["val_loss"], result["val_bpc"]
+        record.update(val_loss=result["val_loss"], val_bpc=result["val_bpc"])
+        append_metrics(self.metrics_path, record)
+        self.emit("eval", {**record, **result, "best": is_best})
+        self.save(is_best)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss (nats/token), bits per character, and a sample from the model."""
+        config, tokenizer, device = self.config, self.tokenizer, self.device
         nats, n_tokens, n_chars = estimate_loss(
-            model, val_set, config.eval_windows, config.batch_size, chars, precision, device
+            self.model,
+            self.val_set,
+            config.eval_windows,
+            config.batch_size,
+            self.token_chars,
+            self.precision,
+            device,
         )
         prompt = tokenizer.encode(config.sample_prompt) or [max(tokenizer.eot_token, 0)]
-        sample = model.generate(
+        sample = self.model.generate(
             torch.tensor([prompt], device=device),
             config.sample_tokens,
             temperature=0.8,
             top_k=50,
-            generator=sampler if device.type == "cpu" else None,
+            # The run's seeded generator (saved in checkpoints) can drive CPU sampling only.
+            generator=self.sampler if device.type == "cpu" else None,
         )
         return {
             "val_loss": nats / n_tokens,
@@ -211,109 +354,44 @@ def train(
             "sample": tokenizer.decode(sample[0, len(prompt) :].tolist()),
         }
 
-    def save(is_best: bool) -> None:
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "elapsed_s": elapsed,
-            "best_val_loss": best_val,
-            "best_val_bpc": best_bpc,
+    def save(self, is_best: bool) -> None:
+        """A checkpoint with everything ``resume`` needs to continue bit for bit."""
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "best_val_loss": self.best_val,
+            "best_val_bpc": self.best_bpc,
             "torch_rng": torch.get_rng_state(),
-            "sampler_rng": sampler.get_state(),
-            "train_config": saved_config,
+            "sampler_rng": self.sampler.get_state(),
+            "train_config": self.saved_config,
         }
-        if device.type == "cuda":
-            train_state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         path = save_checkpoint(
-            run_dir,
-            step,
-            model,
-            tokenizer,
-            train_config=saved_config,
-            state=train_state,
+            self.run_dir,
+            self.step,
+            self.model,
+            self.tokenizer,
+            train_config=self.saved_config,
+            state=state,
             is_best=is_best,
         )
-        emit(Event("checkpoint", step, total, {"path": str(path), "best": is_best}))
+        self.emit("checkpoint", {"path": str(path), "best": is_best})
 
-    started = time.perf_counter()
-    elapsed = elapsed_before
-    interrupted = False
-    try:
-        with _StopOnSigint() as stop:
-            while step < total:
-                t0 = time.perf_counter()
-                lr = schedule.learning_rate(
-                    step,
-                    total,
-                    lr=config.lr,
-                    warmup_steps=config.warmup_steps,
-                    min_lr_ratio=config.min_lr_ratio,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                starts = _batch_starts(train_set, step, steps_per_epoch, global_batch, config.seed)
-                loss_sum = 0.0
-                for micro in range(config.grad_accum):
-                    micro_starts = starts[
-                        micro * config.batch_size : (micro + 1) * config.batch_size
-                    ]
-                    x, y = train_set.batch(dist.shard(micro_starts))
-                    x, y = x.to(device), y.to(device)
-                    with (
-                        dist.sync_gradients(ddp_model, micro == config.grad_accum - 1),
-                        schedule.autocast(precision, device),
-                    ):
-                        loss = forward(x, y).loss / config.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.item()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum = dist.mean(loss_sum)
-                now = time.perf_counter()
-                elapsed = elapsed_before + now - started
-                record = {
-                    "step": step,
-                    "loss": loss_sum,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": global_batch * block_size / (now - t0),
-                    "epoch": step / steps_per_epoch,
-                    "elapsed_s": elapsed,
-                }
-                emit(Event("step", step, total, record))
-                stopping = dist.broadcast_flag(stop.requested)
-                due = step % config.eval_interval == 0 or step % steps_per_epoch == 0
-                if dist.is_main and (due or step == total or stopping):
-                    ev = evaluate()
-                    is_best = ev["val_loss"] < best_val
-                    if is_best:
-                        best_val, best_bpc = ev["val_loss"], ev["val_bpc"]
-                    record.update(val_loss=ev["val_loss"], val_bpc=ev["val_bpc"])
-                    append_metrics(metrics_path, record)
-                    emit(Event("eval", step, total, {**record, **ev, "best": is_best}))
-                    save(is_best)
-                elif dist.is_main and config.log_interval and step % config.log_interval == 0:
-                    append_metrics(metrics_path, record)
-                if stopping:
-                    interrupted = True
-                    emit(Event("interrupted", step, total, {"run_dir": str(run_dir)}))
-                    break
-        dist.barrier()
-    finally:
-        dist.close()
-    if dist.is_main and not interrupted:
-        emit(
-            Event("done", step, total, {"plot": write_loss_plot(metrics_path, run_dir / PLOT_FILE)})
+    def result(self) -> TrainResult:
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            self.best_val,
+            self.best_bpc,
+            self.interrupted,
+            self.elapsed,
+            self.model,
+            self.tokenizer,
+            self.dist.rank,
         )
-    return TrainResult(
-        run_dir, step, best_val, best_bpc, interrupted, elapsed, model, tokenizer, dist.rank
-    )
 
 
 def build_tokenizer(spec: str, files: list[Path], vocab_size: int) -> Tokenizer:
@@ -387,46 +465,38 @@ def _init_from(directory: Path) -> tuple[GPT, Tokenizer]:
     return load_model(directory)
 
 
-def _batch_starts(
-    dataset: CustomDataset, step: int, steps_per_epoch: int, global_batch: int, seed: int
-):
-    epoch, index = divmod(step, steps_per_epoch)
-    return dataset.epoch_starts(epoch, seed)[index * global_batch : (index + 1) * global_batch]
-
-
-def _set_threads(threads: int | None, dist: Distributed) -> None:
-    """Several ranks on one CPU would oversubscribe its cores; split them between the ranks."""
-    if threads is None and dist.enabled and not torch.cuda.is_available():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        threads = max(1, (os.cpu_count() or 1) // local_world)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def _str_or_none(value: str | os.PathLike[str] | None) -> str | None:
-    return None if value is None else str(value)
-
-
 class _StopOnSigint:
     """The first Ctrl-C asks the loop to stop after this step; a second one stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: Any = None
 
     def __enter__(self) -> _StopOnSigint:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
 
-__all__ = ["Event", "TrainConfig", "TrainResult", "train", "write_loss_plot"]
+__all__ = [
+    "Callback",
+    "DEFAULT_MAX_STEPS",
+    "RESUME_FIXED",
+    "Event",
+    "TrainConfig",
+    "TrainResult",
+    "build_tokenizer",
+    "estimate_loss",
+    "last_checkpoint",
+    "train",
+    "write_loss_plot",
+]

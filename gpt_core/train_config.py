@@ -3,29 +3,44 @@
 The same fields come from the Python API, from ``gptkit train`` flags and from a ``--config`` JSON
 file, so validation gives one-line errors for wrong types as well as wrong values. A checkpoint's
 ``config.json`` stores them under "train".
+
+This module imports no PyTorch: the command line reads its defaults and choices from here (and
+from ``gpt_core.config``) while ``gptkit --help`` stays instant, and the resume rule lives here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from gpt_core.checkpoint import DEFAULT_RUN_DIR
-from gpt_core.schedule import PRECISIONS
 from runtime.errors import ConfigError
 
-# small-cpu on Tiny Shakespeare: about ten minutes on two CPU cores (eval included).
+if TYPE_CHECKING:  # pragma: no cover
+    from gpt_core.config import GPTConfig
+
+# Where a run is written when no out_dir is given, and where `gptkit export` looks for one.
+DEFAULT_RUN_DIR = Path("runs") / "default"
+# The model shape of a new run when the caller gives none (a GPTConfig preset name): small enough
+# to train on a laptop CPU while you watch.
+DEFAULT_PRESET = "small-cpu"
+# The length of a run that sets neither max_steps nor epochs: enough for the default preset to
+# write recognisable text on the bundled corpus, short enough to wait for on a CPU.
 DEFAULT_MAX_STEPS = 600
+# Values of TrainConfig.device and TrainConfig.precision (gpt_core.schedule resolves "auto").
+TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
     """Everything about a run except the model's shape (that is GPTConfig).
 
-    The defaults train the ``small-cpu`` preset on Tiny Shakespeare to about 2.3 bits per
-    character in about ten minutes on two CPU cores (see ``gptkit train``).
+    The defaults are ``gptkit train``'s: the ``DEFAULT_PRESET`` model on the bundled Tiny
+    Shakespeare, with a BPE learned from the data, sized to train on a CPU.
     """
 
     data: list[str] = field(default_factory=list)  # files or directories; empty = bundled corpus
@@ -49,8 +64,8 @@ class TrainConfig:
     sample_tokens: int = 100
     sample_prompt: str = "\n"
     val_fraction: float = 0.1
-    precision: str = "auto"
-    device: str = "auto"
+    precision: str = "auto"  # one of PRECISIONS
+    device: str = "auto"  # one of TRAIN_DEVICES
     compile: bool = False
     seed: int = 1337
     threads: int | None = None  # torch CPU threads; None = PyTorch's default (one per core)
@@ -110,3 +125,36 @@ RESUME_FIXED = (
     "data tokenizer vocab_size batch_size grad_accum lr min_lr_ratio warmup_steps weight_decay "
     "beta1 beta2 grad_clip epochs max_steps val_fraction seed eval_interval eval_windows"
 ).split()
+
+
+def check_resume(
+    run_dir: Path,
+    saved_model: Mapping[str, Any],
+    saved_train: Mapping[str, Any],
+    model_config: GPTConfig | None,
+    config: TrainConfig,
+) -> None:
+    """The resume rule: a resumed run keeps its shape and recipe; asking for another is an error.
+
+    ``saved_model``/``saved_train`` are the run's saved fields. What the caller asks for is the
+    whole of ``model_config`` when given (but vocab_size, which the tokenizer sets), and each
+    RESUME_FIXED field of ``config`` whose value is not the TrainConfig default; a field left at
+    its default takes the run's value. The first disagreement is a one-line ConfigError naming
+    the field, the run's value and the asked one.
+    """
+    asked_model = {} if model_config is None else model_config.to_dict()
+    asked_model.pop("vocab_size", None)
+    defaults = TrainConfig()
+    asked_train = {
+        name: getattr(config, name)
+        for name in RESUME_FIXED
+        if getattr(config, name) != getattr(defaults, name)
+    }
+    for saved, asked in ((saved_model, asked_model), (saved_train, asked_train)):
+        for key, value in asked.items():
+            if key in saved and saved[key] != value:
+                raise ConfigError(
+                    f"the run in {run_dir} has {key} {saved[key]}, not {value}; --resume "
+                    f"keeps the run's settings (drop the flag, or start a new run with "
+                    f"--init-from {run_dir})"
+                )

@@ -1,18 +1,43 @@
-"""`gptkit train`: train a GPT from scratch (or fine-tune one) and save checkpoints."""
+"""`gptkit train`: train a GPT from scratch (or fine-tune one) and save checkpoints.
+
+The defaults and choices shown in ``--help`` are read from the library (TrainConfig's fields and
+the constants of the torch-free ``gpt_core.train_config`` and ``gpt_core.config``), never copied.
+Flags left out stay ``None`` here, so the library can tell what was asked for from its defaults.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from gpt_core.config import INIT_SCHEMES, PRESETS, GPTConfig
+from gpt_core.train_config import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_PRESET,
+    DEFAULT_RUN_DIR,
+    PRECISIONS,
+    TRAIN_DEVICES,
+    TrainConfig,
+)
+from gpt_core.train_events import Event
 from runtime.errors import ConfigError, require
 
-DEFAULT_PRESET = "small-cpu"
-DEFAULT_OUT = "runs/default"  # gpt_core.checkpoint.DEFAULT_RUN_DIR, where `gptkit export` looks
-DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of small-cpu on 2 cores
+# TrainConfig's defaults: what a run uses for a flag that is not given.
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
+def _help(text: str, default: object) -> str:
+    """An option's help with its default, as click shows one (click would parenthesise it)."""
+    return f"{text}  [default: {default}]"
 
 
 @click.command("train")
@@ -24,13 +49,16 @@ DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of sm
 )
 @click.option(
     "--out",
-    show_default=DEFAULT_OUT,
-    help="Run directory (checkpoints, metrics); `gptkit export` looks in runs/default.",
+    help=_help(
+        f"Run directory (checkpoints, metrics); `gptkit export` looks in {DEFAULT_RUN_DIR}.",
+        DEFAULTS["out_dir"],
+    ),
 )
 @click.option(
     "--preset",
-    show_default=DEFAULT_PRESET,
-    help="Model shape: tiny, small-cpu, gpt2, gpt2-medium (flags below change single fields).",
+    help=_help(
+        f"Model shape: {', '.join(PRESETS)} (flags below change single fields).", DEFAULT_PRESET
+    ),
 )
 @click.option(
     "--config",
@@ -42,36 +70,66 @@ DEFAULT_STEPS = 600  # gpt_core.train.DEFAULT_MAX_STEPS: about ten minutes of sm
 @click.option("--n-head", type=int, help="Attention heads per block.")
 @click.option("--n-embd", type=int, help="Embedding width (divisible by --n-head).")
 @click.option("--block-size", type=int, help="Context length in tokens.")
-@click.option("--dropout", type=float, help="Dropout probability.")
+@click.option("--dropout", type=float, help="Dropout probability (default: the preset's).")
 @click.option(
     "--init",
     "init_scheme",
-    type=click.Choice(["gpt2", "neox", "xavier"]),
-    help="Weight init scheme.",
+    type=click.Choice(INIT_SCHEMES),
+    help=_help("Weight init scheme.", PRESETS[DEFAULT_PRESET].init),
 )
-@click.option("--batch-size", type=int, help="Sequences per micro-batch.")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option(
+    "--batch-size",
+    type=int,
+    help=_help("Sequences per micro-batch.", DEFAULTS["batch_size"]),
+)
+@click.option(
+    "--grad-accum",
+    type=int,
+    help=_help("Micro-batches per step.", DEFAULTS["grad_accum"]),
+)
+@click.option("--lr", type=float, help=_help("Peak learning rate.", DEFAULTS["lr"]))
 @click.option("--epochs", type=float, help="Train for this many passes over the data.")
 @click.option(
     "--max-steps",
     type=int,
-    help=f"Train for this many optimizer steps (default {DEFAULT_STEPS} when --epochs is not given).",
+    help=_help("Train for this many optimizer steps.", f"{DEFAULT_MAX_STEPS}, without --epochs"),
 )
-@click.option("--eval-interval", type=int, help="Evaluate, sample and checkpoint every N steps.")
+@click.option(
+    "--eval-interval",
+    type=int,
+    help=_help("Evaluate, sample and checkpoint every N steps.", DEFAULTS["eval_interval"]),
+)
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    show_default="auto",
-    help="auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU and MPS.",
+    type=click.Choice(PRECISIONS),
+    help=_help(
+        "auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU and MPS.",
+        DEFAULTS["precision"],
+    ),
 )
-@click.option("--device", show_default="auto", help="auto, cpu, cuda or mps.")
-@click.option("--compile", "use_compile", is_flag=True, help="Use torch.compile.")
-@click.option("--seed", type=int, help="Random seed (training is deterministic on CPU).")
 @click.option(
-    "--tokenizer", help="bpe (trained on the data, default), gpt2, or a saved tokenizer path."
+    "--device",
+    help=_help(
+        f"{', '.join(TRAIN_DEVICES)} (auto picks cuda, then mps, then cpu).", DEFAULTS["device"]
+    ),
 )
-@click.option("--vocab-size", type=int, help="Vocabulary size for --tokenizer bpe.")
+@click.option("--compile", "use_compile", is_flag=True, help="Use torch.compile.")
+@click.option(
+    "--seed",
+    type=int,
+    help=_help("Random seed (training is deterministic on CPU).", DEFAULTS["seed"]),
+)
+@click.option(
+    "--tokenizer",
+    help=_help(
+        "bpe (trained on the data), gpt2, or a saved tokenizer path.", DEFAULTS["tokenizer"]
+    ),
+)
+@click.option(
+    "--vocab-size",
+    type=int,
+    help=_help("Vocabulary size for --tokenizer bpe.", DEFAULTS["vocab_size"]),
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option(
     "--init-from",
@@ -110,15 +168,8 @@ def train_command(
     saves checkpoints to --out (best/ and last/). Ctrl-C saves a checkpoint you can --resume.
     """
     require("torch", extra="train", purpose="gptkit train")
-    import dataclasses
+    from gpt_core.train import train
 
-    from gpt_core.config import GPTConfig
-    from gpt_core.train import TrainConfig, train
-
-    if resume and init_from:
-        raise click.UsageError(
-            "--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one"
-        )
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     file_model, file_train = _read_config_file(config_file, model_fields, train_fields)
@@ -154,9 +205,10 @@ def train_command(
     config = TrainConfig(**train_overrides)
     config.validate()
     out = config.out_dir
-    if resume:
-        _check_resume(Path(out), preset, model_overrides, train_overrides)
-    model_config = GPTConfig.preset(preset or DEFAULT_PRESET, **model_overrides)
+    # A resumed run's flags are checked against the run by the library; a new one is built on
+    # the preset. (init_from takes its shape from the checkpoint it starts from.)
+    run_to_resume = Path(out) if resume and init_from is None else None
+    model_config = _model_config(preset, model_overrides, run_to_resume)
 
     display = _Display()
     try:
@@ -172,7 +224,9 @@ def train_command(
             err=True,
         )
         raise SystemExit(130)
-    export = "gptkit export" if out == DEFAULT_OUT else f"gptkit export --checkpoint {out}"
+    export = (
+        "gptkit export" if Path(out) == DEFAULT_RUN_DIR else f"gptkit export --checkpoint {out}"
+    )
     click.echo(
         f"Saved to {Path(out) / 'best'} (last step: {Path(out) / 'last'}); validation "
         f"{result.best_val_bpc:.3f} bits/char (loss {result.best_val_loss:.3f}), "
@@ -181,9 +235,29 @@ def train_command(
     )
 
 
+def _model_config(
+    preset: str | None, overrides: dict[str, Any], resumed_run: Path | None
+) -> GPTConfig | None:
+    """The model shape the flags ask for: the preset (``DEFAULT_PRESET`` when not given) with
+    single fields changed; for a resumed run without ``--preset``, the run's own shape with the
+    flags' fields changed, or ``None`` (the run's shape) when no shape flag was given.
+
+    ``train()`` refuses a shape that is not the run's, so ``--resume --n-embd 128`` names n_embd.
+    """
+    if resumed_run is None or preset is not None:
+        return GPTConfig.preset(preset or DEFAULT_PRESET, **overrides)
+    if not overrides:
+        return None
+    from gpt_core.checkpoint import read_config
+    from gpt_core.train import last_checkpoint
+
+    saved = read_config(last_checkpoint(resumed_run)).get("model", {})
+    return GPTConfig.from_dict(saved).replace(**overrides)
+
+
 def _read_config_file(
     path: str | None, model_fields: set[str], train_fields: set[str]
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a JSON config (flat, or with "model"/"train" objects) into model and train fields."""
     if path is None:
         return {}, {}
@@ -207,34 +281,13 @@ def _read_config_file(
     return model, train
 
 
-def _check_resume(run_dir: Path, preset: str | None, model: dict, train: dict) -> None:
-    """A resumed run keeps its model and schedule: a flag that disagrees is an error, not ignored."""
-    from gpt_core.checkpoint import read_config
-    from gpt_core.config import GPTConfig
-    from gpt_core.train import RESUME_FIXED, last_checkpoint
-
-    saved = read_config(last_checkpoint(run_dir))
-    wanted = GPTConfig.preset(preset).to_dict() if preset else {}
-    wanted.pop("vocab_size", None)  # set by the tokenizer, not by the preset
-    checks = [(saved.get("model", {}), {**wanted, **model})]
-    checks.append((saved.get("train", {}), {k: v for k, v in train.items() if k in RESUME_FIXED}))
-    for saved_fields, asked in checks:
-        for key, value in asked.items():
-            if key in saved_fields and saved_fields[key] != value:
-                raise ConfigError(
-                    f"the run in {run_dir} has {key} {saved_fields[key]}, not {value}; --resume "
-                    f"keeps the run's settings (drop the flag, or start a new run with "
-                    f"--init-from {run_dir})"
-                )
-
-
 class _Display:
     """Turns training events into a tqdm bar and log lines on stderr."""
 
     def __init__(self) -> None:
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar once the run starts
 
-    def __call__(self, event) -> None:
+    def __call__(self, event: Event) -> None:
         from tqdm import tqdm
 
         if event.kind == "start":

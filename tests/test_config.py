@@ -1,13 +1,20 @@
-"""GPTConfig: every invalid value is a one-line ConfigError; presets and JSON round-trip."""
+"""GPTConfig: every invalid value is a one-line ConfigError; presets and JSON round-trip.
+
+And TrainConfig's torch-free module: its import and the resume rule.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from gpt_core.config import INIT_SCHEMES, PRESETS, GPTConfig
+from gpt_core.train_config import RESUME_FIXED, TrainConfig, check_resume
 from runtime.errors import ConfigError, GptkitError
 
 
@@ -104,3 +111,44 @@ def test_config_is_frozen_and_replace_validates() -> None:
 @pytest.mark.parametrize("init", INIT_SCHEMES)
 def test_every_init_scheme_is_accepted(init: str) -> None:
     assert GPTConfig.preset("tiny", init=init).init == init
+
+
+def test_train_config_and_the_train_command_import_without_torch() -> None:
+    """The CLI reads its defaults from gpt_core.train_config, so neither may need PyTorch."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "import gpt_core.train_config, gpt_core.train_events, gptkit.train_cmd\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime') if sys.modules.get(m)))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_resume_rule_compares_only_what_was_asked_for() -> None:
+    run = Path("r")
+    saved_model = {**PRESETS["tiny"].to_dict(), "vocab_size": 300, "block_size": 32}
+    saved_train = {**dataclasses.asdict(TrainConfig()), "max_steps": 2, "seed": 5}
+    # defaults and no shape: nothing asked, the run's values win
+    check_resume(run, saved_model, saved_train, None, TrainConfig(out_dir="r"))
+    # the run's own shape and values (vocab_size is the tokenizer's, never compared)
+    same = GPTConfig.preset("tiny", block_size=32)
+    check_resume(run, saved_model, saved_train, same, TrainConfig(max_steps=2, seed=5))
+    # fields outside RESUME_FIXED belong to the session
+    check_resume(run, saved_model, saved_train, None, TrainConfig(device="cpu", threads=1))
+    with pytest.raises(ConfigError) as info:
+        check_resume(run, saved_model, saved_train, None, TrainConfig(max_steps=9))
+    assert str(info.value) == (
+        "the run in r has max_steps 2, not 9; --resume keeps the run's settings "
+        "(drop the flag, or start a new run with --init-from r)"
+    )
+    with pytest.raises(ConfigError, match="has n_embd 64, not 128"):
+        check_resume(run, saved_model, saved_train, same.replace(n_embd=128), TrainConfig())
+
+
+def test_train_config_fields_are_in_the_resume_rule_or_the_session() -> None:
+    session = {"out_dir", "log_interval", "sample_tokens", "sample_prompt", "precision", "device"}
+    session |= {"compile", "threads"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RESUME_FIXED) | session == fields and not set(RESUME_FIXED) & session

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ from gpt_core.train import TrainConfig, train  # noqa: E402
 from gptkit.cli import cli  # noqa: E402
 
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
-FAST = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1}  # cheap evaluations
+FAST: dict[str, Any] = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1}  # cheap evals
 
 
 pytestmark = pytest.mark.usefixtures("isolated_dirs")
@@ -101,7 +102,7 @@ CONFIG_CASES = [
     ("device-tpu", ["--device", "tpu"], ["unknown device 'tpu'"]),
     ("tokenizer-missing-path", ["--tokenizer", "no/such/tokenizer.json"], ["unknown tokenizer"]),
     ("init-from-missing", ["--init-from", "no/such/run"], ["no checkpoint at no/such/run"]),
-    # defects (training files; reported, not fixed here): these end in tracebacks today
+    # these once ended in tracebacks
     ("seed-negative", ["--seed", "-1"], ["seed"]),
     ("lr-nan", ["--lr", "nan"], ["--lr"]),
 ]  # fmt: skip
@@ -118,13 +119,17 @@ def test_bad_flag_is_one_line_error(tmp_path, corpus, args, needles):
 
 def test_usage_errors_exit_2(corpus):
     one_line_error(gptkit_train("--data", str(corpus), "--n-layer", "two"), "two", code=2)
+
+
+def test_resume_with_init_from_is_the_library_error(corpus: Path) -> None:
+    """train() refuses the pair; the CLI shows its one line (exit 1), with no check of its own."""
     result = gptkit_train("--data", str(corpus), "--resume", "--init-from", "x")
-    one_line_error(result, "cannot be combined", code=2)
+    one_line_error(result, "--resume and --init-from cannot be combined")
 
 
 def test_out_is_an_existing_file(tmp_path, corpus):
-    """Defect (gpt_core/train.py): `gptkit train --out notes.txt` where notes.txt is a file ended
-    in a FileExistsError traceback after tokenizing. Expected: one line naming the path."""
+    """`gptkit train --out notes.txt` where notes.txt is a file: one line naming the path (it once
+    ended in a FileExistsError traceback after tokenizing), and the file untouched."""
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     result = gptkit_train("--data", str(corpus), *TINY, "--max-steps", "1", "--out", str(notes))
@@ -141,7 +146,7 @@ CONFIG_FILE_CASES = [
     ("bias-wrong-type", {"bias": "yes"}, ["bias must be true or false"]),
     ("not-an-object", [1, 2], ["must hold a JSON object"]),
     ("not-json", "{n_layer: 2", ["is not valid JSON"]),
-    # defects (gptkit/train_cmd.py, gpt_core/train.py): tracebacks today
+    # these once ended in tracebacks
     ("train-field-wrong-type", {"train": {"lr": "fast"}}, ["lr"]),
     ("warmup-wrong-type", {"warmup_steps": "x"}, ["warmup_steps"]),
     ("model-section-not-an-object", {"model": [1]}, ["model"]),
@@ -168,9 +173,9 @@ def test_missing_config_file(corpus):
 
 
 def test_config_file_may_name_the_data(tmp_path, corpus):
-    """Defect (gptkit/train_cmd.py): `data` is a documented training field, but a config file
-    holding it crashed: TypeError "TrainConfig() got multiple values for keyword argument 'data'"
-    (the same for out_dir, precision, device, compile). Expected: the run trains on it."""
+    """`data` is a documented training field: a config file may hold it, and the run trains on it
+    (it once crashed with "TrainConfig() got multiple values for keyword argument 'data'", as
+    did out_dir, precision, device and compile)."""
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"data": [str(corpus)], "max_steps": 1, **FAST}))
     result = gptkit_train(*TINY, "--config", str(path), "--out", "run")
@@ -219,9 +224,9 @@ def test_resume_from_a_bad_state_file(run_copy, tmp_path, kind):
 
 
 def test_resume_with_a_larger_block_size(run_copy):
-    """Defect (gpt_core/train.py): `gptkit train --out RUN --resume --block-size 64` on a run
-    trained with block_size 32 silently ignores the flag and reports success. Expected: one line
-    saying the checkpoint's block_size is 32 (a resumed run keeps its shape); run untouched."""
+    """`gptkit train --out RUN --resume --block-size 64` on a run trained with block_size 32: one
+    line saying the run's block_size is 32 (a resumed run keeps its shape, and the library
+    refuses the flag rather than ignoring it); the run untouched."""
     before = digest(run_copy)
     result = gptkit_train("--out", str(run_copy), "--resume", "--block-size", "64")
     one_line_error(result, "block_size", "32")

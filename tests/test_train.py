@@ -6,6 +6,7 @@ import json
 import math
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,8 +14,12 @@ torch = pytest.importorskip("torch")
 
 from gpt_core import schedule  # noqa: E402
 from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint  # noqa: E402
-from gpt_core.train import TrainConfig, train, write_loss_plot  # noqa: E402
+from gpt_core.config import GPTConfig  # noqa: E402
+from gpt_core.train import Event, TrainConfig, train, write_loss_plot  # noqa: E402
 from runtime.errors import CheckpointError, ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    from gpt_core.model import GPT
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +41,7 @@ def model_config(tiny_config):
 
 
 def small(corpus: Path, out: Path, **changes) -> TrainConfig:
-    """A run that takes a second or two: 300-id BPE, 8 x 32-token batches, 4 eval windows."""
+    """A quick run: 300-id BPE, 8 x 32-token batches, 4 eval windows."""
     fields = dict(
         data=[str(corpus)],
         out_dir=str(out),
@@ -53,7 +58,7 @@ def small(corpus: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**fields, **changes})
 
 
-def weights(model) -> dict[str, torch.Tensor]:
+def weights(model: GPT) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -64,7 +69,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
-    kw = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    kw: dict[str, Any] = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [schedule.learning_rate(s, 110, **kw) for s in range(110)]
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert max(lrs) == pytest.approx(1.0)
@@ -104,7 +109,7 @@ def test_devices_and_precisions() -> None:
 def test_a_short_run_learns_and_reports_through_events(
     corpus, tmp_path, model_config, capsys
 ) -> None:
-    events = []
+    events: list[Event] = []
     result = train(model_config, small(corpus, tmp_path / "run"), callback=events.append)
     assert capsys.readouterr() == ("", "")  # the library never prints
     kinds = [e.kind for e in events]
@@ -139,25 +144,45 @@ def test_same_seed_same_weights(corpus, tmp_path, model_config) -> None:
 def test_ctrl_c_saves_and_resume_is_bitwise_exact(corpus, tmp_path, model_config) -> None:
     straight = train(model_config, small(corpus, tmp_path / "straight"))
 
-    def ctrl_c_at_step_7(event) -> None:
+    events: list[Event] = []
+
+    def ctrl_c_at_step_7(event: Event) -> None:
+        events.append(event)
         if event.kind == "step" and event.step == 7:
             signal.raise_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
 
-    events = []
-    stopped = train(
-        model_config,
-        small(corpus, tmp_path / "split"),
-        callback=lambda e: (events.append(e), ctrl_c_at_step_7(e)),
-    )
+    stopped = train(model_config, small(corpus, tmp_path / "split"), callback=ctrl_c_at_step_7)
     assert stopped.interrupted and stopped.step == 7
     assert events[-1].kind == "interrupted" and "done" not in [e.kind for e in events]
     assert load_training_state(resolve_checkpoint(tmp_path / "split" / "last"))["step"] == 7
-    # resuming ignores a changed schedule: the saved run's settings decide the batches
-    resumed = train(model_config, small(corpus, tmp_path / "split", lr=0.5), resume=True)
+    # No shape and a default TrainConfig: the run's own shape and recipe decide the batches.
+    session = TrainConfig(out_dir=str(tmp_path / "split"), log_interval=5, threads=1)
+    resumed = train(None, session, resume=True)
     assert resumed.step == 20 and not resumed.interrupted
     assert_bitwise_equal(weights(straight.model), weights(resumed.model))
     rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 7, 10, 15, 20]
+
+
+def test_resume_refuses_settings_that_disagree_with_the_run(
+    corpus: Path, tmp_path: Path, model_config: GPTConfig
+) -> None:
+    run = tmp_path / "run"
+    train(model_config, small(corpus, run, max_steps=2))
+    last = resolve_checkpoint(run / "last")
+    with pytest.raises(ConfigError, match=r"has lr 0.002, not 0.5; --resume keeps") as info:
+        train(model_config, small(corpus, run, max_steps=2, lr=0.5), resume=True)
+    assert "\n" not in str(info.value) and f"--init-from {run}" in str(info.value)
+    with pytest.raises(ConfigError, match="has max_steps 2, not 9"):
+        train(None, TrainConfig(out_dir=str(run), max_steps=9), resume=True)
+    with pytest.raises(ConfigError, match="has n_embd 64, not 128"):
+        train(model_config.replace(n_embd=128), small(corpus, run, max_steps=2), resume=True)
+    with pytest.raises(ConfigError, match="has block_size 32, not 128"):  # a whole shape
+        train(GPTConfig.preset("small-cpu"), TrainConfig(out_dir=str(run)), resume=True)
+    assert resolve_checkpoint(run / "last") == last  # nothing ran
+    # the same values, and the settings outside RESUME_FIXED, are fine
+    again = train(model_config, small(corpus, run, max_steps=2, sample_tokens=2), resume=True)
+    assert again.step == 2 and not again.interrupted
 
 
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path, model_config) -> None:
@@ -169,7 +194,7 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path, model_con
 
 
 def test_epochs_set_the_length(corpus, tmp_path, model_config) -> None:
-    events = []
+    events: list[Event] = []
     result = train(
         model_config,
         small(corpus, tmp_path / "run", max_steps=None, epochs=1, eval_interval=1000),
@@ -232,7 +257,7 @@ def test_bad_settings_are_one_line_errors(corpus, tmp_path, model_config) -> Non
         train(model_config, small(corpus, tmp_path / "a", tokenizer="nope"))
     with pytest.raises(CheckpointError, match="nothing to resume in"):
         train(model_config, small(corpus, tmp_path / "empty"), resume=True)
-    with pytest.raises(ConfigError, match="pick one"):
+    with pytest.raises(ConfigError, match="--resume and --init-from cannot be combined"):
         train(model_config, small(corpus, tmp_path / "a"), resume=True, init_from=tmp_path)
 
 
