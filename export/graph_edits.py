@@ -1,8 +1,8 @@
 """Edits of an exported ONNX graph: the tied output head, and node order.
 
 The exporter and its variants (``export.variants``) apply these to an ``onnx.ModelProto`` in
-place; they know nothing about PyTorch. The tied embedding ``transformer.wte.weight`` is stored
-once in the file, and the output head reads it through a Transpose node named HEAD_TRANSPOSE.
+place; they know nothing about PyTorch. The tied embedding wte is stored once in the file, and
+the output head reads it through a Transpose node named HEAD_TRANSPOSE.
 """
 
 from __future__ import annotations
@@ -12,41 +12,61 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
+from runtime.onnx_contract import INPUT_IDS
+
 HEAD_TRANSPOSE = "lm_head/Transpose"  # the node through which the output head reads wte
 HEAD_PARTS = 4  # vocabulary slices of the fp32 output head (see split_head)
 
 
-def tie_embedding(proto: onnx.ModelProto) -> bool:
-    """Store the tied embedding once: the head reads Transpose(wte) instead of a folded copy.
+def embedding_initializer(graph: onnx.GraphProto) -> onnx.TensorProto | None:
+    """The token embedding wte: the table the Gather over ``input_ids`` reads (found by role,
+    since exporters name the tied weight after either of its users)."""
+    inits = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[1] == INPUT_IDS and node.input[0] in inits:
+            return inits[node.input[0]]
+    return None
 
-    Constant folding turns ``lm_head.weight`` (= wte) into a second, transposed initializer, which
-    doubles the embedding's bytes in the file. Find that copy and replace it by a Transpose node.
-    Returns whether a copy was found. ONNX Runtime folds the Transpose again in memory at load
-    (in slices, for fp32 files: see split_head).
+
+def tie_embedding(proto: onnx.ModelProto) -> bool:
+    """Store the tied embedding once, read by the head through one Transpose named HEAD_TRANSPOSE.
+
+    A graph's head reads wte either through a Transpose node (as the exporter writes it) or, after
+    constant folding (the fp16 converter folds it), from a second, transposed initializer that
+    doubles the embedding's bytes in the file. Either way the head ends up reading
+    Transpose(wte) through the node named HEAD_TRANSPOSE, which split_head and untie_embedding
+    find. Returns whether the head was found. ONNX Runtime folds the Transpose again in memory at
+    load (in slices, for fp32 files: see split_head).
     """
     graph = proto.graph
-    inits = {init.name: init for init in graph.initializer}
-    wte = next((i for i in graph.initializer if i.name.endswith("transformer.wte.weight")), None)
+    wte = embedding_initializer(graph)
     if wte is None:
         return False
-    wte_array = onnx.numpy_helper.to_array(wte)
+    inits = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    wte_array = None
     for node in graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+        if node.op_type != "MatMul" or len(node.input) != 2:
             continue
-        candidate = inits[node.input[1]]
-        if tuple(candidate.dims) != tuple(reversed(wte.dims)):
+        weight = node.input[1]
+        source = producers.get(weight)
+        if source is not None and source.op_type == "Transpose" and source.input[0] == wte.name:
+            source.name = HEAD_TRANSPOSE
+            return True
+        candidate = inits.get(weight)
+        if candidate is None or tuple(candidate.dims) != tuple(reversed(wte.dims)):
             continue
+        if wte_array is None:
+            wte_array = onnx.numpy_helper.to_array(wte)
         if not (onnx.numpy_helper.to_array(candidate) == wte_array.T).all():
             continue
-        transposed = "lm_head.weight_transposed"
         graph.initializer.remove(candidate)
         graph.node.insert(
             0,
             onnx.helper.make_node(
-                "Transpose", [wte.name], [transposed], perm=[1, 0], name=HEAD_TRANSPOSE
+                "Transpose", [wte.name], [weight], perm=[1, 0], name=HEAD_TRANSPOSE
             ),
         )
-        node.input[1] = transposed
         return True
     return False
 
@@ -125,6 +145,18 @@ def untie_embedding(proto: onnx.ModelProto) -> None:
             graph.initializer.append(onnx.numpy_helper.from_array(array, name=node.output[0]))
             del graph.node[index]
             return
+
+
+def strip_exporter_extras(proto: onnx.ModelProto) -> None:
+    """Drop what the dynamo exporter adds beyond the graph: per-node notes (stack traces with the
+    exporting machine's file paths, FX node dumps), graph-level notes, and the intermediate
+    value types (ONNX Runtime infers them; left in, they go stale when a variant converts the
+    graph to fp16). A quarter of a small model's file, and nothing a runtime reads."""
+    del proto.graph.metadata_props[:]
+    del proto.graph.value_info[:]
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
 
 
 def sort_topologically(graph: onnx.GraphProto) -> None:

@@ -18,7 +18,9 @@ GroupQueryAttention (num_heads == kv_num_heads, i.e. plain multi-head attention)
 
 The export traces ``GPT.forward`` itself with :class:`FusedAttention` swapped in as every block's
 attention kernel (``gpt_core.model.attention_kernel``): embeddings, blocks, head and mask are the
-model's own. Positions: the total length S is the attention mask's width, so
+model's own. The kernel calls the custom op ``gptkit::group_query_attention`` (PyTorch's own
+attention in eager mode, so the traced model still runs), which the dynamo exporter translates
+with :data:`TRANSLATION` into the contrib op. Positions: the total length S is the attention mask's width, so
 ``seqlens_k = S - 1`` for every row and new tokens land at cache rows [S - T, S). Left padding is
 kept in the cache (as in the default graph) and masked by the model's own additive mask, passed
 as ``attention_bias``.
@@ -28,69 +30,63 @@ The file needs ONNX Runtime (the contrib op is not standard ONNX), which is why 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import onnx
 import torch
+from onnxscript.values import Op, Opset
 from torch.nn import functional as F
 
 from runtime.errors import ExportError
 
 GQA_OP = "GroupQueryAttention"
 GQA_DOMAIN = "com.microsoft"
-# GroupQueryAttention's input slots: query, key, value, past_key, past_value, seqlens_k,
-# total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias. Unused ones are "".
-_GQA_SLOTS = (0, 3, 4, 5, 6, 10)
-_GQA_ARITY = 11
 
 
-class _GroupQueryAttention(torch.autograd.Function):
-    """Eager: what GroupQueryAttention computes (concat semantics). Traced: the contrib op."""
+@torch.library.custom_op("gptkit::group_query_attention", mutates_args=())
+def group_query_attention(
+    qkv: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total_length: torch.Tensor,
+    bias: torch.Tensor,
+    n_head: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What GroupQueryAttention computes when past and present are not shared (concat semantics).
 
-    @staticmethod
-    def forward(
-        ctx, qkv, past_key, past_value, seqlens_k, total_length, bias, n_head: int, head_dim: int
-    ):
-        # Shape-free on purpose: under the tracer, sizes are tensors.
-        q, k, v = (t.unflatten(-1, (n_head, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        k = torch.cat([past_key, k], dim=2)
-        v = torch.cat([past_value, v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return y.transpose(1, 2).flatten(2), k, v
+    qkv (B, T, 3C) packed projections; past_* (B, nh, P, hs); seqlens_k (B,) and total_length ()
+    int32, read by the contrib op only; bias (B or 1, 1, T, S) additive mask. Returns the heads'
+    output (B, T, C) and the presents (B, nh, S, hs).
+    """
+    q, k, v = (t.unflatten(-1, (n_head, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    k = torch.cat([past_key, k], dim=2)
+    v = torch.cat([past_value, v], dim=2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return y.transpose(1, 2).flatten(2), k, v
 
-    @staticmethod
-    def symbolic(
-        g, qkv, past_key, past_value, seqlens_k, total_length, bias, n_head: int, head_dim: int
-    ):
-        # Inputs are compacted here; place_gqa_inputs() moves them to their slots afterwards
-        # (the TorchScript exporter has no clean way to spell an omitted optional input).
-        output, present_key, present_value = g.op(
-            f"{GQA_DOMAIN}::{GQA_OP}",
-            qkv,
-            past_key,
-            past_value,
-            seqlens_k,
-            total_length,
-            bias,
-            num_heads_i=n_head,
-            kv_num_heads_i=n_head,
-            outputs=3,
-        )
-        # Declared types, so the exporter's shape inference does not have to guess.
-        output.setType(qkv.type().with_sizes([None, None, n_head * head_dim]))
-        for present in (present_key, present_value):
-            present.setType(past_key.type().with_sizes([None, n_head, None, head_dim]))
-        return output, present_key, present_value
+
+@group_query_attention.register_fake
+def _group_query_attention_shapes(
+    qkv: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total_length: torch.Tensor,
+    bias: torch.Tensor,
+    n_head: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C3 = qkv.shape
+    present = past_key.new_empty((B, n_head, past_key.shape[2] + T, C3 // 3 // n_head))
+    return qkv.new_empty((B, T, C3 // 3)), present, torch.empty_like(present)
 
 
 class FusedAttention:
-    """An attention kernel (``gpt_core.model.AttentionKernel``) traced as GroupQueryAttention.
+    """An attention kernel (``gpt_core.model.AttentionKernel``) exported as GroupQueryAttention.
 
     Only for the cached, masked forward the export traces: a past and a mask are required.
-    ``head_dim`` is given up front because, under the tracer, sizes read from tensors are traced
-    values, not the Python ints the op's declared output types need.
     """
-
-    def __init__(self, head_dim: int) -> None:
-        self.head_dim = head_dim
 
     def __call__(
         self,
@@ -102,27 +98,74 @@ class FusedAttention:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if past is None or attn_bias is None:
             raise ExportError("the fused attention kernel needs a KV cache and an attention mask")
-        # S, the mask's width, as an int32 tensor built from public ops only, so the tracer keeps
-        # it dynamic (a Python int from .shape would be frozen into the graph as a constant).
-        total = torch.ones_like(attn_bias[0, 0, 0], dtype=torch.int32).sum(dtype=torch.int32)
-        seqlens_k = torch.zeros_like(attn_bias[:, 0, 0, 0], dtype=torch.int32) + (total - 1)
-        y, key, value = _GroupQueryAttention.apply(
-            qkv, past[0], past[1], seqlens_k, total, attn_bias, n_head, self.head_dim
+        # The op reads each row's past length from seqlens_k (total - 1 for every row: left
+        # padding stays in the cache and the mask hides it) and the total from a scalar.
+        total = attn_bias.shape[-1]  # S, the mask's width (a symbolic size under export)
+        batch = qkv.shape[0]
+        seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32, device=qkv.device)
+        total_length = torch.full((), total, dtype=torch.int32, device=qkv.device)
+        y, key, value = torch.ops.gptkit.group_query_attention(
+            qkv, past[0], past[1], seqlens_k, total_length, attn_bias, n_head
         )
         return y, (key, value)
 
 
-def place_gqa_inputs(graph: onnx.GraphProto) -> int:
-    """Move each traced GroupQueryAttention's inputs to their real slots; returns how many."""
-    count = 0
-    for node in graph.node:
-        if node.op_type != GQA_OP or node.domain != GQA_DOMAIN:
-            continue
-        given = list(node.input)
-        slots = [""] * _GQA_ARITY
-        for slot, name in zip(_GQA_SLOTS, given, strict=True):
-            slots[slot] = name
-        del node.input[:]
-        node.input.extend(slots)
-        count += 1
-    return count
+def _gqa_schema() -> onnx.defs.OpSchema:
+    """GroupQueryAttention's signature, for ONNX Script (onnx itself knows no contrib ops)."""
+    schema = onnx.defs.OpSchema
+    param, optional = schema.FormalParameter, schema.FormalParameterOption.Optional
+    inputs = [param("query", "T")]
+    inputs += [param(name, "T", param_option=optional) for name in ("key", "value")]
+    inputs += [param(name, "T", param_option=optional) for name in ("past_key", "past_value")]
+    inputs += [param("seqlens_k", "M"), param("total_sequence_length", "M")]
+    inputs += [param(name, "T", param_option=optional) for name in ("cos_cache", "sin_cache")]
+    inputs += [param("position_ids", "P", param_option=optional)]
+    inputs += [param("attention_bias", "T", param_option=optional)]
+    outputs = [param(name, "T") for name in ("output", "present_key", "present_value")]
+    heads = [
+        schema.Attribute(name, schema.AttrType.INT, "", required=True)
+        for name in ("num_heads", "kv_num_heads")
+    ]
+    return schema(
+        GQA_OP,
+        GQA_DOMAIN,
+        1,
+        inputs=inputs,
+        outputs=outputs,
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            ("M", ["tensor(int32)"], ""),
+            ("P", ["tensor(int64)"], ""),
+        ],
+        attributes=heads,
+    )
+
+
+_GQA = Op(Opset(GQA_DOMAIN, 1), GQA_OP, _gqa_schema())
+
+
+def _group_query_attention_onnx(
+    qkv, past_key, past_value, seqlens_k, total_length, bias, n_head: int
+):  # ONNX Script values: untyped on purpose
+    # None is an omitted optional input (written as "" in the node).
+    return _GQA(
+        qkv,
+        None,
+        None,
+        past_key,
+        past_value,
+        seqlens_k,
+        total_length,
+        None,
+        None,
+        None,
+        bias,
+        num_heads=n_head,
+        kv_num_heads=n_head,
+    )
+
+
+# The dynamo exporter's custom_translation_table for graphs traced with FusedAttention.
+TRANSLATION: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.gptkit.group_query_attention.default: _group_query_attention_onnx
+}

@@ -9,10 +9,9 @@ metadata (:mod:`runtime.metadata`), so it is the only thing the runtime needs.
 (:mod:`export.parity`), and only then renames it into place: a file that fails parity never
 replaces a good one, and a crash leaves at most a hidden temp file.
 
-Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. It keeps every axis
-dynamic from one trace at example sizes >= 2, which ``torch.export`` does not guarantee for
-KV-cache decoders (it specialises sizes 0 and 1, and a past of length 0 is the prompt step). Any
-TracerWarning is an error here: it means a shape was frozen into the graph.
+Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export, then ONNX Script), with the
+contract's dynamic axes as ``dynamic_shapes``; the in-place variant's fused attention is a custom
+op with its own ONNX translation (``export.inplace_cache``).
 """
 
 from __future__ import annotations
@@ -20,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
+import logging
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ import onnx
 import onnx.helper
 import torch
 
-from export.graph_edits import split_head, tie_embedding
-from export.inplace_cache import FusedAttention, place_gqa_inputs
+from export.graph_edits import split_head, strip_exporter_extras, tie_embedding
+from export.inplace_cache import GQA_OP, TRANSLATION, FusedAttention
 from export.options import ExportOptions
 from export.parity import ParityReport, verify_parity
 from export.variants import optimize, quantize_int8, to_fp16
@@ -41,12 +42,17 @@ from runtime.errors import ExportError, ParityError
 from runtime.files import atomic_write_bytes
 from runtime.metadata import ModelMetadata
 from runtime.onnx_contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
     IO_NAMING,
     KV_INPLACE,
     LOGITS_ALL,
+    POSITION_IDS,
+    TOTAL_AXIS,
     dynamic_axes,
     input_names,
     output_names,
+    past_names,
 )
 from runtime.tokenizer import Tokenizer
 from runtime.version import VERSION
@@ -175,11 +181,12 @@ def build_graph(
 
 
 def trace(model: GPT, opset: int, *, kv_cache: str) -> onnx.ModelProto:
-    """Trace the cached forward of an fp32 eval-mode copy, with every axis dynamic.
+    """Export the cached forward of an fp32 eval-mode copy with the dynamo exporter.
 
-    Example sizes are >= 2 (batch 2, seq 3, past 4), never 0 or 1: exporters treat those as
-    constants. The exported graph is tested at past 0 and 1 and seq 1 afterwards.
-    ``kv_cache="inplace"`` traces the same forward with attention as ONNX Runtime's fused op.
+    Every axis is dynamic (named as in :mod:`runtime.onnx_contract`); the exporter captures with
+    size-oblivious shapes, so a past of length 0 or a batch of 1 are not frozen into the graph
+    (the tests run the graph at past 0 and 1, seq 1 and batch 1 and 3). ``kv_cache="inplace"``
+    exports the same forward with attention as ONNX Runtime's fused op.
     """
     cfg = model.config
     traced = fp32_cpu(model)
@@ -190,40 +197,52 @@ def trace(model: GPT, opset: int, *, kv_cache: str) -> onnx.ModelProto:
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     positions = (torch.arange(past, past + seq) % cfg.block_size).expand(batch, seq)
     cache = [torch.zeros(batch, cfg.n_head, past, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    axes = dynamic_axes(cfg.n_layer)
+    shapes = {
+        "input_ids": axes[INPUT_IDS],
+        "attention_mask": axes[ATTENTION_MASK],
+        "position_ids": axes[POSITION_IDS],
+        "past": tuple(axes[name] for name in past_names(cfg.n_layer)),
+    }  # keyed by FlatCacheForward.forward's parameters
     inplace = kv_cache == KV_INPLACE
-    kernel = (
-        attention_kernel(traced, FusedAttention(cfg.head_dim))
-        if inplace
-        else contextlib.nullcontext()
-    )
-    buffer = io.BytesIO()
+    kernel = attention_kernel(traced, FusedAttention()) if inplace else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings(), torch.no_grad(), kernel:
-            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript exporter"
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("error", torch.jit.TracerWarning)  # a frozen shape: fail loudly
-            torch.onnx.export(
-                FlatCacheForward(traced).eval(),  # the exporter restores this wrapper's mode
+        with _quiet_exporter(), torch.no_grad(), kernel:
+            program = torch.onnx.export(
+                FlatCacheForward(traced).eval(),
                 (ids, mask, positions, *cache),
-                buffer,
+                dynamo=True,
+                dynamic_shapes=shapes,
                 input_names=input_names(cfg.n_layer),
                 output_names=output_names(cfg.n_layer),
-                dynamic_axes=dynamic_axes(cfg.n_layer),
                 opset_version=opset,
-                do_constant_folding=True,
-                custom_opsets={"com.microsoft": 1} if inplace else None,
-                dynamo=False,
+                custom_translation_table=TRANSLATION if inplace else None,
+                verbose=False,
             )
-    except torch.jit.TracerWarning as e:
-        raise ExportError(f"tracing froze a dynamic value into the graph: {e}") from None
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+    except Exception as e:  # torch.export and onnxscript raise many types; all mean "failed"
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {reason}") from None
     finally:
         traced.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
-    if inplace and place_gqa_inputs(proto.graph) != cfg.n_layer:
-        raise ExportError("the fused-attention trace did not produce one attention op per layer")
+    if program is None:  # only without dynamo; keeps the type checker honest
+        raise ExportError("torch.onnx.export returned no program")
+    # The present axis comes out as the expression past + sequence: give it the contract's name.
+    expressions = {
+        str(dim)
+        for value in program.model.graph.outputs
+        if value.shape is not None
+        for dim in value.shape.dims
+        if not isinstance(dim, int) and "+" in str(dim)
+    }
+    program.rename_axes({expression: TOTAL_AXIS for expression in expressions})
+    proto = program.model_proto
+    strip_exporter_extras(proto)
+    # The lowest IR version the opsets allow, so older ONNX Runtimes and tools load the file.
+    proto.ir_version = onnx.helper.find_min_ir_version_for(
+        list(proto.opset_import), ignore_unknown=True
+    )
+    if inplace and sum(n.op_type == GQA_OP for n in proto.graph.node) != cfg.n_layer:
+        raise ExportError("the fused-attention export did not produce one attention op per layer")
     proto.producer_name = "gptkit"
     proto.producer_version = VERSION
     return proto
@@ -276,6 +295,25 @@ def check_target(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's progress lines and known-harmless warnings off the user's screen."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # "The axis name: batch_size will not be used, since it shares the same shape
+        # constraints with another axis": every input repeats batch_size, on purpose.
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares")
+        warnings.simplefilter("ignore", FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _staging_file(target: Path):
     """A hidden temp file beside ``target`` (same file system, so the final rename is atomic)."""
     try:  # os.access in check_target can say yes where writing fails (root, read-only mounts)
@@ -312,12 +350,12 @@ def _write_metadata(
             "optimize": options.optimize,
             "fusions": fusions,
             "kv_cache": options.kv_cache,
-            "exporter": "torch.onnx.export(dynamo=False)",
+            "exporter": "torch.onnx.export(dynamo=True)",
             "n_params": model.num_params(),
             "gptkit_version": VERSION,
             "torch_version": torch.__version__,
             "onnx_version": onnx.__version__,
-            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (3.10)
+            "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source": source,
         },
     )

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from runtime.errors import ExportError
 from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT
 
-DEFAULT_OPSET = 17  # first opset with LayerNormalization; what ORT's transformer fusions know best
-SUPPORTED_OPSETS = range(14, 21)  # 14: first with SDPA's ops; 20: the TorchScript exporter's last
+DEFAULT_OPSET = 18  # the dynamo exporter's own opset (lower ones it down-converts, not always well)
+SUPPORTED_OPSETS = range(18, 21)  # 20: the newest that gptkit's oldest ONNX Runtime (1.17) loads
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8",)
 

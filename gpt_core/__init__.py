@@ -1,6 +1,8 @@
 """gptkit's PyTorch layer: the GPT model, its config, data, training and checkpoints.
 
-    from gpt_core import GPT, GPTConfig, TrainConfig, train
+    from gpt_core import GPT, GPTConfig, TrainConfig
+    from gpt_core.train import train        # (gpt_core.train is also the module's name)
+
     model = GPT(GPTConfig.preset("tiny"))
     result = train(GPTConfig.preset("small-cpu"), TrainConfig(data=["my.txt"], max_steps=200))
 
@@ -18,8 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from gpt_core.config import GPTConfig
     from gpt_core.dataset import CustomDataset
     from gpt_core.model import GPT
-    from gpt_core.train import TrainResult, train
     from gpt_core.train_config import TrainConfig
+    from gpt_core.train_events import TrainResult
 
 __all__ = [
     "GPT",
@@ -29,7 +31,6 @@ __all__ = [
     "TrainResult",
     "load_model",
     "save_model",
-    "train",
 ]
 
 _LAZY = {
@@ -37,8 +38,7 @@ _LAZY = {
     "GPTConfig": "gpt_core.config",
     "CustomDataset": "gpt_core.dataset",
     "TrainConfig": "gpt_core.train_config",
-    "TrainResult": "gpt_core.train",
-    "train": "gpt_core.train",
+    "TrainResult": "gpt_core.train_events",
     "load_model": "gpt_core.checkpoint",
     "save_model": "gpt_core.checkpoint",
 }

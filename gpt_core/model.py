@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -142,11 +142,26 @@ class Block(nn.Module):
         return x, present
 
 
+if TYPE_CHECKING:
+
+    class _Transformer(nn.ModuleDict):
+        """What ``GPT.transformer`` holds, for the type checker; at run time a plain ModuleDict."""
+
+        wte: nn.Embedding
+        wpe: nn.Embedding
+        drop: nn.Dropout
+        h: Sequence[Block]  # an nn.ModuleList of Blocks
+        ln_f: nn.LayerNorm
+
+else:
+    _Transformer = nn.ModuleDict
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
+        self.transformer = _Transformer(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
@@ -376,5 +391,9 @@ def fp32_cpu(model: GPT) -> GPT:
 
 
 def _tracing() -> bool:
-    """True while torch.jit / torch.export / torch.compile trace the model (no Python checks)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """True while torch.export (the ONNX exporter), torch.compile or torch.jit trace the model.
+
+    The forward's input checks read tensor values (``int(position_ids.max())``), which a trace
+    cannot do, so they are skipped there.
+    """
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()

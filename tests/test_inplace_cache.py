@@ -16,14 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
-
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from click.testing import CliRunner  # noqa: E402
-from runtime_helpers import (  # noqa: E402
+import torch
+from runtime_helpers import (
     empty_past,
     left_padded_mask,
     ort_session,
@@ -31,20 +28,20 @@ from runtime_helpers import (  # noqa: E402
     positions_for,
 )
 
-import runtime.generation  # noqa: E402
-from export import ExportOptions, export_onnx  # noqa: E402
-from export.parity import TOLERANCES, verify_parity  # noqa: E402
-from gpt_core.checkpoint import save_model  # noqa: E402
-from gpt_core.config import GPTConfig  # noqa: E402
-from gpt_core.model import GPT  # noqa: E402
-from gptkit.cli import cli  # noqa: E402
-from runtime.errors import ExportError, ModelFileError, ParityError  # noqa: E402
-from runtime.generation import GenerationLoop  # noqa: E402
-from runtime.metadata import ModelMetadata  # noqa: E402
-from runtime.model import Model  # noqa: E402
-from runtime.onnx_contract import KV_CONCAT, KV_INPLACE  # noqa: E402
-from runtime.sampling import SamplingConfig  # noqa: E402
-from runtime.session import OnnxSession  # noqa: E402
+import runtime.generation
+from export import ExportOptions, export_onnx
+from export.parity import TOLERANCES, verify_parity
+from gpt_core.checkpoint import save_model
+from gpt_core.config import GPTConfig
+from gpt_core.model import GPT
+from gptkit.cli import cli
+from runtime.errors import ExportError, ModelFileError, ParityError
+from runtime.generation import GenerationLoop
+from runtime.metadata import ModelMetadata
+from runtime.model import Model
+from runtime.onnx_contract import KV_CONCAT, KV_INPLACE
+from runtime.sampling import SamplingConfig
+from runtime.session import OnnxSession
 
 SEED = 1234
 ATOL = 1e-4
@@ -554,7 +551,7 @@ VARIANTS = {
     "int8": ExportOptions(kv_cache="inplace", quantize="int8"),
     "fp16": ExportOptions(kv_cache="inplace", dtype="fp16"),
     "optimize": ExportOptions(kv_cache="inplace", optimize=True),
-    "opset14": ExportOptions(kv_cache="inplace", opset=14),
+    "opset20": ExportOptions(kv_cache="inplace", opset=20),
 }
 
 
@@ -619,9 +616,9 @@ def checkpoint(tmp_path_factory, model, bpe_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli_export(tmp_path_factory, checkpoint):
+def cli_export(runner, tmp_path_factory, checkpoint):
     out = tmp_path_factory.mktemp("cli") / "inplace.onnx"
-    result = CliRunner().invoke(
+    result = runner.invoke(
         cli, ["export", str(out), "--checkpoint", str(checkpoint), "--kv-cache", "inplace"]
     )
     return result, out

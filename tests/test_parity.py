@@ -1,6 +1,6 @@
 """ONNX Runtime against PyTorch: the parity matrix, greedy decoding, and the fp16/int8/optimize variants.
 
-Matrix (ANCHORS §5, mirroring ORT's GPT-2 parity test): batch {1, 3} x past {0, 1, 7} x seq {1, 5},
+Matrix (mirroring ONNX Runtime's GPT-2 parity test): batch {1, 3} x past {0, 1, 7} x seq {1, 5},
 with and without left padding; logits and presents within 1e-4 and argmax equal. The graph was
 exported at batch 2 / seq 3 / past 4, so every case here is a size the trace never saw.
 """
@@ -10,13 +10,10 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
-
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from runtime_helpers import (  # noqa: E402
+import torch
+from runtime_helpers import (
     empty_past,
     left_padded_mask,
     ort_greedy,
@@ -25,11 +22,11 @@ from runtime_helpers import (  # noqa: E402
     positions_for,
 )
 
-from export import ExportOptions, export_onnx  # noqa: E402
-from export.parity import TOLERANCES, verify_parity  # noqa: E402
-from gpt_core.config import GPTConfig  # noqa: E402
-from gpt_core.model import GPT  # noqa: E402
-from runtime.errors import ParityError  # noqa: E402
+from export import ExportOptions, export_onnx
+from export.parity import TOLERANCES, verify_parity
+from gpt_core.config import GPTConfig
+from gpt_core.model import GPT
+from runtime.errors import ParityError
 
 ATOL = 1e-4
 SEED = 1234
