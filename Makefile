@@ -19,6 +19,7 @@ setup: $(BIN)/gptkit
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 fix: setup
 	$(BIN)/ruff check --fix .
@@ -35,4 +36,4 @@ bench: setup
 	$(BIN)/python benchmarks/decode.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -135,7 +135,8 @@ def run_benchmark(plan: Plan, log) -> dict:
         rows = []
         for batch in plan.batches:
             for system in plan.systems:
-                if pythons[system] is None:
+                python = pythons[system]
+                if python is None:
                     continue
                 spec = {
                     "system": system,
@@ -145,13 +146,13 @@ def run_benchmark(plan: Plan, log) -> dict:
                     "probe": batch == 1,
                     "probe_repeats": plan.probe_repeats,
                 }
-                result = _spawn(pythons[system], ["--worker", json.dumps(spec)], plan.timeout)
+                result = _spawn(python, ["--worker", json.dumps(spec)], plan.timeout)
                 result.update(system=system, batch=batch)
                 if batch == 1 and system.startswith("gptkit") and "error" not in result:
                     colds = [result["cold_start_s"]]
                     for _ in range(plan.cold_runs):
                         extra = _spawn(
-                            pythons[system],
+                            python,
                             ["--worker", json.dumps({**spec, "cold_only": True})],
                             plan.timeout,
                         )

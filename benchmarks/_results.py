@@ -38,6 +38,13 @@ def agreement(result: dict, reference: dict | None) -> str:
     return f"{worst}/{common.NEW_TOKENS}"
 
 
+def _fastest(results: dict[str, dict]) -> str | None:
+    """The system with the highest decode tok/s (the first of equals); None when there is none."""
+    if not results:
+        return None
+    return max(results, key=lambda system: results[system]["decode_tok_s"])
+
+
 class Results:
     """The dict ``_orchestrator.run_benchmark`` returns, with the lookups the report needs."""
 
@@ -63,14 +70,10 @@ class Results:
         """gptkit's faster variant (decode tok/s) at this shape, batch and precision."""
         if not self.has(shape):
             return None
-        found = [s for s in GPTKIT_VARIANTS[precision] if self.get(shape, batch, s)]
-        return max(found, key=lambda s: self.get(shape, batch, s)["decode_tok_s"], default=None)
+        found = {s: r for s in GPTKIT_VARIANTS[precision] if (r := self.get(shape, batch, s))}
+        return _fastest(found)
 
     def faster_genai(self, shape: str, batch: int, precision: str) -> str | None:
         """onnxruntime-genai's faster file at this shape, batch and precision."""
-        found = [
-            SAME_FILE_GENAI[s]
-            for s in GPTKIT_VARIANTS[precision]
-            if self.get(shape, batch, SAME_FILE_GENAI[s])
-        ]
-        return max(found, key=lambda s: self.get(shape, batch, s)["decode_tok_s"], default=None)
+        files = [SAME_FILE_GENAI[s] for s in GPTKIT_VARIANTS[precision]]
+        return _fastest({s: r for s in files if (r := self.get(shape, batch, s))})

@@ -105,7 +105,7 @@ class _Stamps:
         if len(self.times) == 1:
             self.first_wall = time.time()
 
-    def run(self, tokens: np.ndarray) -> Run:
+    def run(self, tokens: np.ndarray | list[list[int]]) -> Run:
         return Run(np.asarray(tokens), self.start, self.times, self.first_wall)
 
 

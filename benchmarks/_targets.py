@@ -43,6 +43,12 @@ def targets_section(results: Results) -> list[str]:
     def result(shape: str, system: str | None) -> dict | None:
         return results.get(shape, 1, system) if system and results.has(shape) else None
 
+    def measured(shape: str, system: str) -> dict:
+        """A result that is there: add() measures only systems with one."""
+        found = result(shape, system)
+        assert found is not None, f"no result for {system} at {shape}"
+        return found
+
     def vs_genai(shape: str, factor: float, agree_with_fp32: bool = False):
         def measure(system: str):
             mine, theirs = result(shape, system), result(shape, SAME_FILE_GENAI[system])
@@ -53,7 +59,7 @@ def targets_section(results: Results) -> list[str]:
             precision = precision_of(system)
             faster = results.faster_genai(shape, 1, precision)
             if faster and faster != SAME_FILE_GENAI[system]:
-                ftok = result(shape, faster)["decode_tok_s"]
+                ftok = measured(shape, faster)["decode_tok_s"]
                 text += f"; {tok / ftok:.2f}× genai's faster file ({variant_of(faster)})"
             if agree_with_fp32:
                 fp32 = GPTKIT_VARIANTS["fp32"][GPTKIT_VARIANTS[precision].index(system)]
@@ -63,7 +69,7 @@ def targets_section(results: Results) -> list[str]:
         return measure
 
     def of_floor(system: str):
-        r = result("gpt2", system)
+        r = measured("gpt2", system)
         floor = results.floor("gpt2", 1, precision_of(system))
         tok = r["decode_tok_s"]
         return (
@@ -72,7 +78,7 @@ def targets_section(results: Results) -> list[str]:
         )
 
     def latency(system: str):
-        probes = result("gpt2", system).get("probe_ms")
+        probes = measured("gpt2", system).get("probe_ms")
         if not probes:
             return None
         keys, values = list(probes), list(probes.values())
@@ -83,11 +89,11 @@ def targets_section(results: Results) -> list[str]:
         )
 
     def cold(system: str):
-        seconds = result("gpt2", system)["cold_start_s"]
+        seconds = measured("gpt2", system)["cold_start_s"]
         return f"{seconds:.2f} s", seconds < 1.0
 
     def rss(system: str):
-        r = result("gpt2", system)
+        r = measured("gpt2", system)
         exports = results.data["shapes"]["gpt2"]["manifest"]["exports"]
         size = exports[SYSTEMS[system][1]]["megabytes"] * 1e6 / 2**20
         return (

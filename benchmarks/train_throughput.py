@@ -38,7 +38,9 @@ def hf_model(config: GPTConfig) -> torch.nn.Module:
         attn_pdrop=config.dropout,
         bos_token_id=config.vocab_size - 1,
         eos_token_id=config.vocab_size - 1,
-        attn_implementation="sdpa",  # the fused attention kernel, as ours uses
+        # the fused attention kernel, as ours uses; a PretrainedConfig keyword that transformers'
+        # typed signature leaves out (older releases take it through **kwargs)
+        attn_implementation="sdpa",  # type: ignore[call-arg,unused-ignore]
     )
     return transformers.GPT2LMHeadModel(hf_config)
 

@@ -98,7 +98,11 @@ def _merges_of(hf_tokenizer) -> list[tuple[str, str]]:
     import json
 
     model = json.loads(hf_tokenizer.to_str())["model"]
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = []
+    for merge in model["merges"]:  # "left right" strings, or [left, right] pairs in newer files
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merges.append((left, right))
+    return merges
 
 
 __all__ = ["ENDOFTEXT", "bytes_to_unicode", "ranks_from_merges", "train_bpe"]

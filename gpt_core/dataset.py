@@ -125,7 +125,8 @@ class CustomDataset(torch.utils.data.Dataset):
                 "validation split; give more text or a smaller --block-size"
             )
         cut = n - n_val
-        self.ids: np.memmap = all_ids[:cut] if split == "train" else all_ids[cut:]
+        # A slice of the memmap, so the ids stay on disk (numpy types the slice as an ndarray).
+        self.ids: np.ndarray = all_ids[:cut] if split == "train" else all_ids[cut:]
 
     def __len__(self) -> int:
         """Number of non-overlapping windows (one epoch)."""

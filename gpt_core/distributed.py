@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 
 class Distributed:
@@ -69,7 +73,8 @@ class Distributed:
     def sync_gradients(self, model: torch.nn.Module, sync: bool) -> Iterator[None]:
         """Skip DDP's gradient all-reduce unless ``sync`` (the last micro-step of a batch)."""
         if self.enabled and not sync:
-            with model.no_sync():
+            ddp = cast("DistributedDataParallel", model)  # enabled: wrap() made it one
+            with ddp.no_sync():
                 yield
         else:
             yield

@@ -100,16 +100,16 @@ def hf_config(directory: Path) -> GPTConfig:
                 f"{path}: {key}={hf.get(key)!r} is not supported; gptkit imports standard "
                 "GPT-2 (tied embeddings, 4x MLP, 1/sqrt(head_dim) attention)"
             )
+    # The sizes as the JSON has them (None when missing): GPTConfig checks every one.
+    sizes: dict[str, Any] = {
+        "vocab_size": hf.get("vocab_size"),
+        "block_size": hf.get("n_positions", hf.get("n_ctx")),
+        "n_layer": hf.get("n_layer"),
+        "n_head": hf.get("n_head"),
+        "n_embd": n_embd,
+    }
     try:
-        return GPTConfig(
-            vocab_size=hf.get("vocab_size"),
-            block_size=hf.get("n_positions", hf.get("n_ctx")),
-            n_layer=hf.get("n_layer"),
-            n_head=hf.get("n_head"),
-            n_embd=n_embd,
-            dropout=0.0,
-            bias=True,
-        )
+        return GPTConfig(**sizes, dropout=0.0, bias=True)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 

@@ -1,14 +1,13 @@
 """The ``gptkit`` command line: train, export, run (and, with no command, all three in a row).
 
-Only click and the standard library are imported at the top of the CLI modules, so ``gptkit --help``
-and every ``--help`` answer instantly and ``gptkit run`` works where PyTorch is not installed. Each
-command imports its layer when it runs. Library errors (``GptkitError``) become one ``Error: ...``
+The CLI modules import at their top only click, the standard library and the torch-free modules
+whose defaults and choices their ``--help`` shows (``runtime.sampling``, ``export.options``,
+``gpt_core.train_config``, ...), so every ``--help`` answers at once and ``gptkit run`` works where
+PyTorch is not installed. Each command imports its layer when it runs. Library errors (``GptkitError``) become one ``Error: ...``
 line and exit code 1; usage errors exit 2; no user mistake ends in a traceback.
 """
 
 from __future__ import annotations
-
-import sys
 
 import click
 
@@ -68,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()  # click exits with the command's status

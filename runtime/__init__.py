@@ -1,14 +1,14 @@
 """gptkit's runtime: run an exported gptkit .onnx file with numpy, onnxruntime and tiktoken only.
 
-Public API::
+Public API:
 
-    import runtime
-    model = runtime.load("model.onnx")            # weights, config and tokenizer from one file
-    model.generate("ROMEO:", max_new_tokens=50, seed=0)              # -> str
-    model.generate(["ROMEO:", "JULIET:"], temperature=0)             # a batch -> list[str]
-    model.complete("ROMEO:", logprobs=True)       # -> GenerationResult (ids, finish reason, ...)
-    for piece in model.stream("ROMEO:"): ...      # text as it is generated
-    model.score("To be, or not to be").perplexity
+>>> import runtime
+>>> model = runtime.load("model.onnx")  # weights, config and tokenizer from one file
+>>> text = model.generate("ROMEO:", max_new_tokens=50, seed=0)  # a str
+>>> texts = model.generate(["ROMEO:", "JULIET:"], temperature=0)  # a batch: a list of str
+>>> result = model.complete("ROMEO:", logprobs=True)  # a GenerationResult: ids, finish reason, ...
+>>> pieces = list(model.stream("ROMEO:"))  # the text as it is generated
+>>> perplexity = model.score("To be, or not to be").perplexity
 
 Options are the fields of the frozen ``SamplingConfig`` (pass one, or keywords). Every problem a
 caller can fix raises a one-line ``GptkitError``. One ``Model`` serves many threads at once.

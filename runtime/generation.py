@@ -2,11 +2,12 @@
 
 A batch of prompts is left-padded into one [B, T] prefill; the attention mask marks real tokens and
 position ids are ``cumsum(mask) - 1`` clamped at 0, so every row sees exactly the positions it
-would see alone (ANCHORS pitfall 2). Each row stops on its own: once finished it is fed a masked
+would see alone (positions counted over the padded width would shift every padded row).
+Each row stops on its own: once finished it is fed a masked
 dummy token (mask 0), so it uses no position and leaves the other rows untouched.
 
 Positions are absolute and learned (``wpe`` has ``block_size`` rows), so the cache cannot slide
-(pitfall 7). ``context="error"`` refuses a request whose prompt + ``max_new_tokens`` would pass the
+(a position past the last ``wpe`` row has no embedding). ``context="error"`` refuses a request whose prompt + ``max_new_tokens`` would pass the
 context; ``context="truncate"`` keeps the most recent ``block_size`` prompt tokens and, whenever a
 row's window is full, re-prefills the most recent three quarters of the window: every token is
 then generated with at least 3/4 of a context behind it, and the re-prefill costs about one
@@ -33,8 +34,8 @@ from runtime.session import KVCache, OnnxSession
 from runtime.tokenizer import Tokenizer
 
 # Prompt tokens per forward pass. A long prompt in one pass needs logits [B, T, vocab] and
-# activations for all T at once. Measured, gpt2 fp32 in-place, a 1000-token prompt on 2 cores:
-# one pass 2.20 s and 1068 MiB peak; chunks of 256: 1.68 s, 774 MiB; 64: 1.67 s, 657 MiB.
+# activations for all T at once; in chunks the peak memory is one chunk's, and the time is no
+# worse (the README's performance section has the figures for gpt2).
 PREFILL_CHUNK = 64
 
 
@@ -77,24 +78,25 @@ class GenerationLoop:
         self._logprobs = logprobs
         self._block = session.metadata.block_size
         self._truncate = context == "truncate"
-        if config.max_new_tokens is None:  # "up to the default, or what fits in the context"
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:  # "up to the default, or what fits in the context"
             longest = max(len(p) for p in prompts)
             room = self._block - longest if not self._truncate else DEFAULT_MAX_NEW_TOKENS
-            config = dataclasses.replace(
-                config, max_new_tokens=max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
-            )
+            max_new_tokens = max(1, min(room, DEFAULT_MAX_NEW_TOKENS))
+            config = dataclasses.replace(config, max_new_tokens=max_new_tokens)
             self._config = config
+        self._max_new_tokens = max_new_tokens
         for i, prompt in enumerate(prompts):
             bad = [t for t in prompt if not 0 <= t < n_vocab]
             if bad:
                 raise GenerationError(
                     f"token id {bad[0]} is outside the vocabulary 0..{n_vocab - 1}"
                 )
-            if not self._truncate and len(prompt) + config.max_new_tokens > self._block:
+            if not self._truncate and len(prompt) + max_new_tokens > self._block:
                 which = f"prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
                 raise GenerationError(
-                    f"{which} is {len(prompt)} tokens + max_new_tokens {config.max_new_tokens} = "
-                    f"{len(prompt) + config.max_new_tokens}, over the model's context of "
+                    f"{which} is {len(prompt)} tokens + max_new_tokens {max_new_tokens} = "
+                    f"{len(prompt) + max_new_tokens}, over the model's context of "
                     f"{self._block} tokens; shorten the prompt, lower max_new_tokens, or use "
                     "context='truncate' (--context truncate)"
                 )
@@ -113,7 +115,7 @@ class GenerationLoop:
     def __iter__(self) -> Iterator[Token]:
         cfg = self._config
         logits, cache, mask = self._prefill(self._block)
-        for step in range(cfg.max_new_tokens):
+        for step in range(self._max_new_tokens):
             chosen = np.zeros(len(self.tokens), dtype=np.int64)
             for b, row in enumerate(self.tokens):
                 if self.done[b]:
@@ -129,7 +131,7 @@ class GenerationLoop:
                 if token == self._eot:
                     self.done[b] = True
                 yield Token(b, token, logprob)
-            if step == cfg.max_new_tokens - 1 or all(self.done):
+            if step == self._max_new_tokens - 1 or all(self.done):
                 return
             active = ~np.array(self.done)
             window_full = self._truncate and int(mask.sum(axis=1)[active].max()) >= self._block
@@ -159,7 +161,7 @@ class GenerationLoop:
         session = self._session
         # What this generation can reach: the window plus the tokens still to come (a whole
         # block when truncating, since it re-prefills whenever the window fills up).
-        room = self._block if self._truncate else width + self._config.max_new_tokens
+        room = self._block if self._truncate else width + self._max_new_tokens
         cache = session.empty_cache(len(windows), capacity=room)
         logits, cache = prefill(session, ids, mask, positions, cache)
         return logits[:, -1, :], cache, mask
@@ -205,7 +207,7 @@ class TextTracker:
     """Decodes one row's tokens to text, finds stop strings and releases text that is final.
 
     Text that could still be the start of a stop string is held back, and bytes of an incomplete
-    UTF-8 character wait for the rest (pitfall 17), so a released piece never changes later.
+    UTF-8 character wait for the rest (a byte-level BPE token can end mid-character), so a released piece never changes later.
     """
 
     def __init__(self, tokenizer: Tokenizer, config: SamplingConfig) -> None:

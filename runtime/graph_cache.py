@@ -1,12 +1,11 @@
 """A per-machine cache of ONNX Runtime's optimised graph, so a large model loads in a third of the time.
 
-Creating a CPU session for gpt2-124M (fp32, 500 MB) takes about 1.4 s, nearly all of it ONNX
-Runtime parsing the weights out of the protobuf, optimising the graph (fusions, constant folding)
-and copying every initializer, and it peaks at ~900 MB. None of that depends on anything but the
-file, the ONNX Runtime version and the machine. So the first load saves the optimised graph, with
-its weights in an external data file beside it; later loads read the small graph, skip the
-optimisers and memory-map the weights (measured: 0.45 s, and a peak of ~600 MiB instead of ~900
-with the fp32 head in slices; see export.onnx_export.split_head).
+Creating a CPU session for a large model is mostly ONNX Runtime parsing the weights out of the
+protobuf, optimising the graph (fusions, constant folding) and copying every initializer, with a
+memory peak well above the weights' size. None of that depends on anything but the file, the ONNX
+Runtime version and the machine. So the first load saves the optimised graph, with its weights in
+an external data file beside it; later loads read the small graph, skip the optimisers and
+memory-map the weights (the README's performance section has the load times and peaks).
 
 One entry per model path, under ``$GPTKIT_CACHE_DIR/ort`` (default ``~/.cache/gptkit/ort``),
 stamped with the file's size and mtime, the ONNX Runtime version and the CPU architecture; a file

@@ -1,9 +1,15 @@
 """The embedding API: load an exported model and generate, stream or score text.
 
 >>> import runtime
->>> model = runtime.load("model.onnx")                                   # doctest: +SKIP
->>> model.generate("ROMEO:", max_new_tokens=40, seed=0)                  # doctest: +SKIP
->>> for piece in model.stream("ROMEO:", temperature=0): print(piece, end="")  # doctest: +SKIP
+>>> model = runtime.load("model.onnx")
+>>> model
+Model(model.onnx: ... layers, ... wide, context ..., vocab ..., cpu)
+>>> text = model.generate("ROMEO:", max_new_tokens=40, seed=0)  # sampled; the seed repeats it
+>>> text == model.generate("ROMEO:", max_new_tokens=40, seed=0)
+True
+>>> pieces = list(model.stream("ROMEO:", max_new_tokens=40, temperature=0))  # as generated
+>>> "".join(pieces) == model.generate("ROMEO:", max_new_tokens=40, temperature=0)
+True
 
 One loaded Model serves any number of threads at once: every call keeps its state (tokens, cache,
 random generators) to itself, and ONNX Runtime sessions are thread-safe.
@@ -16,14 +22,14 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypeGuard, Unpack, overload
 
 import numpy as np
 
 from runtime.errors import ConfigError, GenerationError
 from runtime.files import DEFAULT_MODEL
 from runtime.generation import GenerationLoop, TextTracker, Token, prefill
-from runtime.sampling import CONTEXT_MODES, SamplingConfig, log_softmax
+from runtime.sampling import CONTEXT_MODES, SamplingConfig, SamplingOptions, log_softmax
 from runtime.session import OnnxSession
 from runtime.tokenizer import Tokenizer
 
@@ -114,8 +120,13 @@ class Model:
     # ---- text in, text out --------------------------------------------------------------------
 
     @overload
-    def generate(
-        self, prompt: str, sampling: SamplingConfig | None = ..., *, context: str = ..., **options
+    def generate(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]
+        self,
+        prompt: str,
+        sampling: SamplingConfig | None = ...,
+        *,
+        context: str = ...,
+        **options: Unpack[SamplingOptions],
     ) -> str: ...
     @overload
     def generate(
@@ -124,12 +135,22 @@ class Model:
         sampling: SamplingConfig | None = ...,
         *,
         context: str = ...,
-        **options,
+        **options: Unpack[SamplingOptions],
     ) -> list[str]: ...
-    def generate(self, prompt, sampling=None, *, context="error", **options):
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        sampling: SamplingConfig | None = None,
+        *,
+        context: str = "error",
+        **options: Unpack[SamplingOptions],
+    ) -> str | list[str]:
         """The continuation of ``prompt``; a list of prompts gives a list, generated as one batch.
 
-        >>> model.generate("ROMEO:", max_new_tokens=20, temperature=0)   # doctest: +SKIP
+        >>> text = model.generate("ROMEO:", max_new_tokens=20, temperature=0)  # greedy
+        >>> texts = model.generate(["ROMEO:", "JULIET:"], max_new_tokens=20, temperature=0)
+        >>> len(texts)
+        2
         """
         results = self.complete(prompt, sampling, context=context, **options)
         if isinstance(results, GenerationResult):
@@ -137,14 +158,14 @@ class Model:
         return [r.text for r in results]
 
     @overload
-    def complete(
+    def complete(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]
         self,
         prompt: str,
         sampling: SamplingConfig | None = ...,
         *,
         context: str = ...,
         logprobs: bool = ...,
-        **options,
+        **options: Unpack[SamplingOptions],
     ) -> GenerationResult: ...
     @overload
     def complete(
@@ -154,9 +175,17 @@ class Model:
         *,
         context: str = ...,
         logprobs: bool = ...,
-        **options,
+        **options: Unpack[SamplingOptions],
     ) -> list[GenerationResult]: ...
-    def complete(self, prompt, sampling=None, *, context="error", logprobs=False, **options):
+    def complete(
+        self,
+        prompt: str | Sequence[str],
+        sampling: SamplingConfig | None = None,
+        *,
+        context: str = "error",
+        logprobs: bool = False,
+        **options: Unpack[SamplingOptions],
+    ) -> GenerationResult | list[GenerationResult]:
         """Like :meth:`generate`, as :class:`GenerationResult` (ids, finish reason, logprobs).
 
         ``logprobs=True`` adds each generated token's log-probability under the model (before
@@ -197,7 +226,7 @@ class Model:
         *,
         context: str = "error",
         logprobs: bool = False,
-        **options,
+        **options: Unpack[SamplingOptions],
     ) -> Stream:
         """Yield the continuation piece by piece, as soon as each piece is final.
 
@@ -205,7 +234,10 @@ class Model:
         back until it is known not to. Bad options and an over-long prompt raise here, before
         iteration starts. After the loop, ``stream.result`` is the :class:`GenerationResult`.
 
-        >>> for piece in model.stream("ROMEO:", seed=0): print(piece, end="")  # doctest: +SKIP
+        >>> stream = model.stream("ROMEO:", max_new_tokens=20, seed=0)
+        >>> text = "".join(stream)  # or: for piece in stream: print(piece, end="", flush=True)
+        >>> stream.result.text == text
+        True
         """
         if not isinstance(prompt, str):
             raise ConfigError("stream() takes one prompt string; use generate() for a batch")
@@ -220,7 +252,11 @@ class Model:
         <|endoftext|>, the way GPT-2 starts a document, so every token counts. It must fit in
         the context.
 
-        >>> model.score("To be, or not to be").perplexity                      # doctest: +SKIP
+        >>> result = model.score("To be, or not to be")
+        >>> len(result.logprobs) == len(result.token_ids)  # log p of every token
+        True
+        >>> result.perplexity >= 1.0  # exp(mean negative log p)
+        True
         """
         if isinstance(text, str):
             ids = self.tokenizer.encode(text)
@@ -270,7 +306,7 @@ class Model:
         *,
         context: str = "error",
         logprobs: bool = False,
-        **options,
+        **options: Unpack[SamplingOptions],
     ) -> Iterator[Token]:
         """The token-level loop under :meth:`generate`: ids in, :class:`Token` events out.
 
@@ -281,7 +317,7 @@ class Model:
         if _is_id_list(prompt_ids):
             rows = [[int(t) for t in prompt_ids]]
         elif isinstance(prompt_ids, Sequence) and all(_is_id_list(r) for r in prompt_ids):
-            rows = [[int(t) for t in r] for r in prompt_ids]
+            rows = [[int(t) for t in r] for r in prompt_ids if _is_id_list(r)]  # (all are)
         else:
             raise ConfigError("prompt_ids must be a list of token ids or a list of such lists")
         cfg = _sampling(sampling, options)
@@ -372,7 +408,7 @@ class Stream:
             yield rest
 
 
-def _is_id_list(value: object) -> bool:
+def _is_id_list(value: object) -> TypeGuard[Sequence[int]]:
     return (
         isinstance(value, Sequence)
         and not isinstance(value, str)
@@ -380,7 +416,7 @@ def _is_id_list(value: object) -> bool:
     )
 
 
-def _sampling(sampling: SamplingConfig | None, options: dict[str, Any]) -> SamplingConfig:
+def _sampling(sampling: SamplingConfig | None, options: SamplingOptions) -> SamplingConfig:
     if sampling is not None and not isinstance(sampling, SamplingConfig):
         raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     base = sampling or SamplingConfig()
@@ -392,4 +428,7 @@ def _sampling(sampling: SamplingConfig | None, options: dict[str, Any]) -> Sampl
         raise ConfigError(
             f"unknown generation option {unknown[0]!r}; valid: {', '.join(sorted(valid))}"
         )
-    return dataclasses.replace(base, **options)
+    # Typed loosely on purpose: SamplingConfig checks every value and normalises ``stop`` (one
+    # string or a list of them) to a tuple, so the options may be wider than the field types.
+    changes: dict[str, Any] = dict(options)
+    return dataclasses.replace(base, **changes)

@@ -3,7 +3,7 @@
 The processors run in this order (Hugging Face's order: penalties, then temperature, then the
 truncation warpers; llama.cpp applies temperature last instead):
 
-1. ids the tokenizer cannot decode are masked (a padded vocabulary never leaks out: pitfall 6),
+1. ids the tokenizer cannot decode are masked (a model vocabulary padded past the tokenizer's never yields an id that cannot be decoded),
    NaN logits count as -inf, and +inf logits share all the probability among themselves;
 2. repetition penalty: logits of tokens already in the row (prompt and generated) are divided by
    the penalty when positive and multiplied by it when negative (CTRL, Keskar et al. 2019);
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
@@ -86,6 +87,25 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class SamplingOptions(TypedDict, total=False):
+    """:class:`SamplingConfig`'s fields as keyword arguments, e.g. ``model.generate(p, **options)``.
+
+    Every key is optional; values are checked by ``SamplingConfig``. ``stop`` takes what the
+    constructor accepts: one string, or a list, tuple or set of them. tests/test_sampling.py keeps
+    the keys and types in step with the dataclass.
+    """
+
+    max_new_tokens: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
+    stop_at_eot: bool
 
 
 def process_logits(
@@ -188,7 +208,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
         hits = (scores == peak) if peak > 0 else np.zeros(scores.shape, dtype=bool)
         return hits / max(1, int(hits.sum()))
     exp = np.exp(scores - peak)
-    return exp / exp.sum()
+    probs: np.ndarray = exp / exp.sum()  # numpy types this division as Any
+    return probs
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

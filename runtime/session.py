@@ -54,7 +54,7 @@ OPTIMIZATION_LEVELS = {
 _KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # What InferenceSession.run raises (Fail, InvalidArgument, RuntimeException, ...): its own types.
 # run_with_iobinding raises a plain RuntimeError("Error in execution: ...") instead.
-_ORT_ERRORS = (
+_ORT_ERRORS: tuple[type[Exception], ...] = (
     *(
         value
         for value in vars(ort.capi.onnxruntime_pybind11_state).values()
@@ -86,8 +86,8 @@ class KVCache:
 class DecodeBuffers:
     """Input ids, positions and logits of a one-token step for B rows, bound once per cache.
 
-    Binding a numpy array makes a new OrtValue each time; for small models that is a visible
-    part of a step (about 15 us of a 110 us ``tiny`` step), so decode steps write into these.
+    Binding a numpy array makes a new OrtValue each time, a visible part of a small model's
+    step, so decode steps write into these.
     """
 
     def __init__(self, batch: int, vocab_size: int) -> None:
@@ -200,7 +200,7 @@ class OnnxSession:
     def empty_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         """The cache before the prompt step.
 
-        Default graphs: zero-length past tensors (zeros, never np.empty: pitfall 4). In-place
+        Default graphs: zero-length past tensors (batch, n_head, 0, head_dim): one graph takes a past of length 0 for the prompt. In-place
         graphs: buffers for ``capacity`` positions (default and at most ``block_size``), so pass
         what the generation can reach (prompt + new tokens) to keep memory down.
         """

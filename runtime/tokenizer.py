@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -224,7 +225,7 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab})"
 
-    def _meta(self) -> dict:
+    def _meta(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "version": TOKENIZER_FORMAT_VERSION,
@@ -234,7 +235,7 @@ class Tokenizer:
         }
 
     @classmethod
-    def _from_meta(cls, meta: dict, ranks: dict[bytes, int]) -> Tokenizer:
+    def _from_meta(cls, meta: object, ranks: dict[bytes, int]) -> Tokenizer:
         if not isinstance(meta, dict):
             raise TokenizerError("corrupt tokenizer metadata: expected a JSON object")
         version = meta.get("version", TOKENIZER_FORMAT_VERSION)
