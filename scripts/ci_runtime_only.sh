@@ -55,4 +55,5 @@ EOF
 step "runtime tests (torch-free) against $model"
 GPTKIT_TEST_MODEL="$model" GPTKIT_REQUIRE_MODEL=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
     "$root/tests/test_sampling.py" "$root/tests/test_runtime.py" "$root/tests/test_run_cli.py" \
-    "$root/tests/test_graph_cache.py" "$root/tests/test_prefill_chunks.py"
+    "$root/tests/test_graph_cache.py" "$root/tests/test_prefill_chunks.py" \
+    "$root/tests/test_doctests.py"

@@ -8,20 +8,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from reliability_helpers import one_line_message
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("safetensors")
-
-from gpt_core import checkpoint as ck  # noqa: E402
-from gpt_core.checkpoint import (  # noqa: E402
+from gpt_core import checkpoint as ck
+from gpt_core.checkpoint import (
     DEFAULT_RUN_DIR,
     load_model,
     load_training_state,
     save_checkpoint,
     save_model,
 )
-from gpt_core.model import GPT  # noqa: E402
-from runtime.errors import CheckpointError  # noqa: E402
+from gpt_core.model import GPT
+from runtime.errors import CheckpointError
 
 
 def make_model(config, seed: int) -> GPT:
@@ -32,12 +31,6 @@ def make_model(config, seed: int) -> GPT:
 def same_weights(a: GPT, b: GPT) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert message and "\n" not in message
-    return message
 
 
 def test_round_trip(tmp_path, tiny_config, bpe_tokenizer) -> None:
@@ -92,11 +85,13 @@ def test_default_run_dir_and_missing_checkpoints(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError) as e:
         load_model()
-    assert one_line(e) == f"no checkpoint at {DEFAULT_RUN_DIR}; train one with `gptkit train`"
+    assert (
+        one_line_message(e) == f"no checkpoint at {DEFAULT_RUN_DIR}; train one with `gptkit train`"
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "empty")
-    assert "holds no checkpoint" in one_line(e)
+    assert "holds no checkpoint" in one_line_message(e)
 
 
 def test_corrupt_files_are_named(tmp_path, tiny_config, bpe_tokenizer) -> None:
@@ -113,22 +108,22 @@ def test_corrupt_files_are_named(tmp_path, tiny_config, bpe_tokenizer) -> None:
     weights = broken("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]))
     with pytest.raises(CheckpointError) as e:
         load_model(weights)
-    assert f"{weights / 'model.safetensors'} is corrupt or truncated" in one_line(e)
+    assert f"{weights / 'model.safetensors'} is corrupt or truncated" in one_line_message(e)
     config = broken("config.json", lambda p: p.write_text('{"model": '))
     with pytest.raises(CheckpointError) as e:
         load_model(config)
-    assert f"{config / 'config.json'} is not valid JSON" in one_line(e)
+    assert f"{config / 'config.json'} is not valid JSON" in one_line_message(e)
     tokenizer = broken("tokenizer.json", lambda p: p.unlink())
     with pytest.raises(CheckpointError) as e:
         load_model(tokenizer)
-    assert f"{tokenizer / 'tokenizer.json'} is missing" in one_line(e)
+    assert f"{tokenizer / 'tokenizer.json'} is missing" in one_line_message(e)
     other = broken(
         "config.json",
         lambda p: p.write_text(json.dumps({"model": {**tiny_config.to_dict(), "n_layer": 3}})),
     )
     with pytest.raises(CheckpointError) as e:
         load_model(other)
-    assert "does not match its config" in one_line(e)
+    assert "does not match its config" in one_line_message(e)
 
 
 def test_training_state_is_loaded_without_pickle(tmp_path, tiny_config, bpe_tokenizer) -> None:
@@ -151,14 +146,14 @@ def test_training_state_is_loaded_without_pickle(tmp_path, tiny_config, bpe_toke
     (path / "state.pt").write_bytes(buffer.getvalue())
     with pytest.raises(CheckpointError) as e:
         load_training_state(path)
-    assert f"{path / 'state.pt'} is corrupt or truncated" in one_line(e)
+    assert f"{path / 'state.pt'} is corrupt or truncated" in one_line_message(e)
     (path / "state.pt").write_bytes(buffer.getvalue()[:50])
     with pytest.raises(CheckpointError):
         load_training_state(path)
     (path / "state.pt").unlink()
     with pytest.raises(CheckpointError) as e:
         load_training_state(path)
-    assert "has no training state" in one_line(e)
+    assert "has no training state" in one_line_message(e)
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(

@@ -5,21 +5,21 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reliability_helpers import one_line_message
 
-torch = pytest.importorskip("torch")
-np = pytest.importorskip("numpy")
-
-from gpt_core import dataset as ds  # noqa: E402
-from gpt_core.dataset import (  # noqa: E402
+from gpt_core import dataset as ds
+from gpt_core.dataset import (
     CustomDataset,
     bundled_corpus_path,
     token_char_counts,
     tokenize_cached,
 )
-from runtime.errors import DataError  # noqa: E402
+from runtime.errors import DataError
 
 SOURCE = Path("/work/shared/data/tinyshakespeare.txt")
 CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
@@ -31,12 +31,6 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("GPTKIT_CACHE_DIR", str(cache))
     return cache
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert "\n" not in message and message
-    return message
 
 
 def test_ids_are_the_tokenized_text_and_windows_shift_by_one(corpus, bpe_tokenizer) -> None:
@@ -150,19 +144,19 @@ def test_epoch_order_is_a_function_of_seed_and_epoch(corpus, bpe_tokenizer) -> N
 def test_missing_empty_and_textless_paths(tmp_path, bpe_tokenizer) -> None:
     with pytest.raises(DataError) as e:
         CustomDataset(tmp_path / "nope.txt", bpe_tokenizer, 32)
-    assert "nope.txt does not exist" in one_line(e)
+    assert "nope.txt does not exist" in one_line_message(e)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError) as e:
         CustomDataset(tmp_path / "empty.txt", bpe_tokenizer, 32)
-    assert "empty.txt is empty" in one_line(e)
+    assert "empty.txt is empty" in one_line_message(e)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "x.bin").write_bytes(b"123")
     with pytest.raises(DataError) as e:
         CustomDataset(tmp_path / "dir", bpe_tokenizer, 32)
-    assert "has no non-empty text files" in one_line(e)
+    assert "has no non-empty text files" in one_line_message(e)
     with pytest.raises(DataError) as e:
         CustomDataset([], bpe_tokenizer, 32)
-    assert "no data files" in one_line(e)
+    assert "no data files" in one_line_message(e)
 
 
 def test_text_that_is_not_utf8_names_file_and_offset(tmp_path, bpe_tokenizer) -> None:
@@ -175,12 +169,12 @@ def test_text_that_is_not_utf8_names_file_and_offset(tmp_path, bpe_tokenizer) ->
             CustomDataset(path, bpe_tokenizer, 4)
     finally:
         ds.CHUNK_BYTES = original
-    assert f"{path} is not UTF-8 text (invalid byte at offset 63)" in one_line(e)
+    assert f"{path} is not UTF-8 text (invalid byte at offset 63)" in one_line_message(e)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"abc\x00def")
     with pytest.raises(DataError) as e:
         CustomDataset(binary, bpe_tokenizer, 4)
-    assert "NUL byte at offset 3" in one_line(e)
+    assert "NUL byte at offset 3" in one_line_message(e)
 
 
 def test_a_corpus_too_short_for_the_block(tmp_path, bpe_tokenizer) -> None:
@@ -188,7 +182,9 @@ def test_a_corpus_too_short_for_the_block(tmp_path, bpe_tokenizer) -> None:
     path.write_text("To be, or not to be.")
     with pytest.raises(DataError) as e:
         CustomDataset(path, bpe_tokenizer, 64)
-    assert "too few for block_size 64" in one_line(e) and "--block-size" in one_line(e)
+    assert "too few for block_size 64" in one_line_message(
+        e
+    ) and "--block-size" in one_line_message(e)
     with pytest.raises(DataError):
         CustomDataset(path, bpe_tokenizer, 4, split="test")
 

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 STEPS = 6
 
@@ -45,6 +44,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+@pytest.mark.slow  # torchrun: two worker processes, plus a single-process run
 def test_two_processes_match_one(tmp_path: Path, shakespeare: str) -> None:
     pytest.importorskip("torch.distributed")
     if not torch.distributed.is_gloo_available():

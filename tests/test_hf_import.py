@@ -12,16 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tokenizers
+import torch
+import transformers
 from hypothesis import given
 from hypothesis import strategies as st
+from reliability_helpers import one_line_message
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from gpt_core.hf import load_hf_gpt2  # noqa: E402
-from runtime.errors import CheckpointError  # noqa: E402
-from runtime.tokenizer import ENDOFTEXT  # noqa: E402
+from gpt_core.hf import load_hf_gpt2
+from runtime.errors import CheckpointError
+from runtime.tokenizer import ENDOFTEXT
 
 CHARS = st.characters(blacklist_categories=("Cs",))  # lone surrogates are not UTF-8
 TEXT = st.lists(
@@ -188,17 +188,13 @@ class _Touch:
         return (Path.touch, (self.marker,))
 
 
-def assert_one_line(error: pytest.ExceptionInfo) -> None:
-    assert "\n" not in str(error.value)
-
-
 def test_pickle_only_checkpoint_is_refused_unread(hf_dir: Path, tmp_path: Path) -> None:
     target = copy_without(hf_dir, tmp_path / "pickled", "model.safetensors")
     marker = tmp_path / "unpickled"
     (target / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*pickle.*safetensors") as error:
         load_hf_gpt2(target)
-    assert_one_line(error)
+    one_line_message(error)
     assert "safe_serialization=True" in str(error.value)
     assert not marker.exists()
 
@@ -228,7 +224,7 @@ def test_unsupported_configs_are_refused(hf_dir: Path, tmp_path: Path, changes, 
     target = edit_config(hf_dir, tmp_path / "edited", **changes)
     with pytest.raises(CheckpointError, match=message) as error:
         load_hf_gpt2(target)
-    assert_one_line(error)
+    one_line_message(error)
 
 
 def test_missing_and_corrupt_files_are_refused(hf_dir: Path, tmp_path: Path) -> None:
@@ -244,7 +240,7 @@ def test_missing_and_corrupt_files_are_refused(hf_dir: Path, tmp_path: Path) -> 
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="unreadable safetensors") as error:
         load_hf_gpt2(corrupt)
-    assert_one_line(error)
+    one_line_message(error)
     no_tokenizer = copy_without(
         hf_dir, tmp_path / "no-tokenizer", "tokenizer.json", "vocab.json", "merges.txt"
     )
@@ -291,7 +287,7 @@ def test_unsupported_tokenizers_are_refused(hf_dir: Path, tmp_path: Path, edit, 
     (target / "tokenizer.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=message) as error:
         load_hf_gpt2(target)
-    assert_one_line(error)
+    one_line_message(error)
 
 
 def test_a_gptkit_checkpoint_is_pointed_elsewhere(tmp_path: Path) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-torch = pytest.importorskip("torch")
-
-from gpt_core.config import INIT_SCHEMES, PRESETS, GPTConfig  # noqa: E402
-from gpt_core.model import GPT  # noqa: E402
+from gpt_core.config import INIT_SCHEMES, PRESETS, GPTConfig
+from gpt_core.model import GPT
 
 ATOL = 1e-5
 

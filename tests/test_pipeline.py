@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-pytest.importorskip("torch")
+from gptkit.cli import cli
+from gptkit.train_cmd import train_command
 
-from gptkit.cli import cli  # noqa: E402
-from gptkit.train_cmd import train_command  # noqa: E402
+pytestmark = pytest.mark.torch  # the CLI modules import torch only when the chain trains
 
 TINY_RUN = {
     "preset": "tiny",
@@ -20,13 +19,14 @@ TINY_RUN = {
 }
 
 
-def test_no_arguments_trains_exports_and_runs(tmp_path, monkeypatch):
+@pytest.mark.slow  # trains, exports and runs
+def test_no_arguments_trains_exports_and_runs(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
     for param in train_command.params:  # shrink the defaults the chain trains with
         if param.name in TINY_RUN:
             monkeypatch.setattr(param, "default", TINY_RUN[param.name])
-    result = CliRunner().invoke(cli, [])
+    result = runner.invoke(cli, [])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "default" / "best" / "model.safetensors").exists()
     assert (tmp_path / "model.onnx").stat().st_size > 0

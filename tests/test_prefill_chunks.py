@@ -69,7 +69,6 @@ def test_chunked_score_matches_one_pass(model, monkeypatch):
 
 @pytest.fixture(scope="module")
 def inplace_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    pytest.importorskip("torch")
     from runtime_helpers import export_tiny
 
     from export import ExportOptions, export_onnx
@@ -81,6 +80,7 @@ def inplace_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     return load(path, threads=1)
 
 
+@pytest.mark.torch
 def test_inplace_single_row_is_chunked_and_a_batch_is_not(inplace_model, monkeypatch, count_runs):
     one_pass = generate(inplace_model, PROMPTS[:1], 10_000, monkeypatch)
     count_runs.clear()

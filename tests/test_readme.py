@@ -59,9 +59,11 @@ def test_readme_command_parses(command: str):
         pytest.fail(f"README command does not parse: {command}: {e}")
 
 
+@pytest.mark.torch
 def test_readme_embedding_example_runs(tmp_path, monkeypatch, capsys, bpe_tokenizer):
     """Against a tiny model with the default small-cpu context (128), as `gptkit train` makes."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from export.onnx_export import export_onnx
     from gpt_core.config import GPTConfig
     from gpt_core.model import GPT

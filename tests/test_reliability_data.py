@@ -8,17 +8,15 @@ must notice a file that changed between two runs, even when its size and mtime d
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
+from reliability_helpers import one_line_error
 
-pytest.importorskip("torch")
-
-from click.testing import CliRunner  # noqa: E402
-from reliability_helpers import one_line_error  # noqa: E402
-
-from gpt_core.dataset import (  # noqa: E402
+from gpt_core.dataset import (
     CHUNK_BYTES,
     CustomDataset,
     default_cache_dir,
@@ -26,8 +24,8 @@ from gpt_core.dataset import (  # noqa: E402
     resolve_text_files,
     tokenize_cached,
 )
-from gptkit.cli import cli  # noqa: E402
-from runtime.errors import DataError  # noqa: E402
+from gptkit.cli import cli
+from runtime.errors import DataError
 
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
 
@@ -35,11 +33,17 @@ TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-
 pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
-def train_on(*data: Path | str):
-    args = ["train", *TINY, "--max-steps", "2", "--out", "run"]
-    for d in data:
-        args += ["--data", str(d)]
-    return CliRunner().invoke(cli, args)
+@pytest.fixture
+def train_on(runner: CliRunner) -> Callable[..., Result]:
+    """``gptkit train`` for two tiny steps on the given files, through the shared CliRunner."""
+
+    def invoke(*data: Path | str) -> Result:
+        args = ["train", *TINY, "--max-steps", "2", "--out", "run"]
+        for d in data:
+            args += ["--data", str(d)]
+        return runner.invoke(cli, args)
+
+    return invoke
 
 
 def lines_of(text: str, size: int) -> bytes:
@@ -107,7 +111,7 @@ def _tree(root: Path, files: dict[str, bytes]) -> Path:
 @pytest.mark.parametrize(
     ("make", "needles"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
-def test_bad_corpus_fails_before_training(tmp_path, make, needles):
+def test_bad_corpus_fails_before_training(train_on, tmp_path, make, needles):
     """`gptkit train --data PATH --preset tiny ... --out run`: one line, exit 1, no run/."""
     path = make(tmp_path)
     one_line_error(train_on(path), *needles)
@@ -129,7 +133,7 @@ OFFSET_CASES = [
     [c[1:] for c in OFFSET_CASES],
     ids=[c[0] for c in OFFSET_CASES],
 )
-def test_invalid_utf8_names_file_and_byte_offset(tmp_path, shakespeare, bpe_tokenizer, size, bad_at, newlines):  # fmt: skip
+def test_invalid_utf8_names_file_and_byte_offset(train_on, tmp_path, shakespeare, bpe_tokenizer, size, bad_at, newlines):  # fmt: skip
     data = bytearray(lines_of(shakespeare[:5000], size) if newlines else b"a" * size)
     data[bad_at] = 0xFF
     path = _write(tmp_path / "big.txt", bytes(data))

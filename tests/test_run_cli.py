@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
+from reliability_helpers import one_line_error
 from runtime_helpers import Exported, prebuilt_or_tiny
 
 import runtime
@@ -29,21 +31,13 @@ def model(exported: Exported) -> runtime.Model:
     return runtime.load(exported.path, threads=1)
 
 
-def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli, ["run", *args], input=input)
+@pytest.fixture
+def run(runner: CliRunner) -> Callable[..., Result]:
+    """``gptkit run ARGS`` through the shared CliRunner."""
+    return lambda *args, input=None: runner.invoke(cli, ["run", *args], input=input)
 
 
-def one_line_error(result) -> str:
-    """The failure's stderr: exactly one `Error: ...` line and no traceback."""
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-def test_greedy_output_is_the_continuation_only(exported: Exported, model: runtime.Model):
+def test_greedy_output_is_the_continuation_only(run, exported: Exported, model: runtime.Model):
     result = run(
         "--model", str(exported.path), "--prompt", "ROMEO:", "-t", "0", "-n", "12", "--threads", "1"
     )
@@ -54,7 +48,7 @@ def test_greedy_output_is_the_continuation_only(exported: Exported, model: runti
 
 
 def test_echo_prints_the_prompt_first_and_stdin_is_read_with_dash(
-    exported: Exported, model: runtime.Model
+    run, exported: Exported, model: runtime.Model
 ):
     text = "To be, or not to be"
     result = run("-m", str(exported.path), "-p", "-", "--echo", "-t", "0", "-n", "8", input=text)
@@ -62,7 +56,7 @@ def test_echo_prints_the_prompt_first_and_stdin_is_read_with_dash(
     assert result.stdout == text + model.generate(text, max_new_tokens=8, temperature=0) + "\n"
 
 
-def test_seed_makes_sampling_reproducible_and_stop_cuts(exported: Exported):
+def test_seed_makes_sampling_reproducible_and_stop_cuts(run, exported: Exported):
     args = (
         "-m",
         str(exported.path),
@@ -87,12 +81,12 @@ def test_seed_makes_sampling_reproducible_and_stop_cuts(exported: Exported):
     assert "; stop]" in cut.stderr
 
 
-def test_empty_prompt_is_not_an_error(exported: Exported):
+def test_empty_prompt_is_not_an_error(run, exported: Exported):
     result = run("-m", str(exported.path), "-p", "", "-n", "5", "--seed", "0")
     assert result.exit_code == 0, result.output
 
 
-def test_default_length_fits_a_small_context(exported: Exported, model: runtime.Model):
+def test_default_length_fits_a_small_context(run, exported: Exported, model: runtime.Model):
     """Without -n, `gptkit run` generates 200 tokens or what fits, never a context error."""
     result = run("-m", str(exported.path), "-p", "ROMEO:", "-t", "0", "--threads", "1")
     assert result.exit_code == 0, result.output
@@ -101,7 +95,7 @@ def test_default_length_fits_a_small_context(exported: Exported, model: runtime.
     assert result.stdout == expected.text + "\n"
 
 
-def test_the_pipeline_invocation_from_the_cli_group_works(exported: Exported):
+def test_the_pipeline_invocation_from_the_cli_group_works(runner: CliRunner, exported: Exported):
     """gptkit with no command ends with ctx.invoke(run_command, prompt=..., model=...)."""
 
     @click.command()
@@ -109,12 +103,12 @@ def test_the_pipeline_invocation_from_the_cli_group_works(exported: Exported):
     def chain(ctx: click.Context) -> None:
         ctx.invoke(run_command, prompt="ROMEO:", model=str(exported.path))
 
-    result = CliRunner().invoke(chain, [])
+    result = runner.invoke(chain, [])
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("\n") and "tokens in" in result.stderr
 
 
-def test_interactive_loop_reads_prompts_until_eof(exported: Exported, model: runtime.Model):
+def test_interactive_loop_reads_prompts_until_eof(run, exported: Exported, model: runtime.Model):
     result = run("-m", str(exported.path), "-t", "0", "-n", "6", input="ROMEO:\nJULIET:\n")
     assert result.exit_code == 0, result.output
     expected = [
@@ -124,7 +118,7 @@ def test_interactive_loop_reads_prompts_until_eof(exported: Exported, model: run
     assert result.stderr.count("tokens in") == 2
 
 
-def test_interactive_loop_survives_a_bad_prompt(exported: Exported, model: runtime.Model):
+def test_interactive_loop_survives_a_bad_prompt(run, exported: Exported, model: runtime.Model):
     too_long = "ROMEO: " * model.block_size
     result = run("-m", str(exported.path), "-t", "0", "-n", "6", input=f"{too_long}\nROMEO:\n")
     assert result.exit_code == 0, result.output
@@ -132,7 +126,7 @@ def test_interactive_loop_survives_a_bad_prompt(exported: Exported, model: runti
     assert result.stderr.count("tokens in") == 1
 
 
-def test_ctrl_c_while_streaming_keeps_the_output_so_far(exported: Exported, monkeypatch):
+def test_ctrl_c_while_streaming_keeps_the_output_so_far(run, exported: Exported, monkeypatch):
     import runtime.generation
 
     real = runtime.generation.choose_token
@@ -166,41 +160,40 @@ def test_ctrl_c_while_streaming_keeps_the_output_so_far(exported: Exported, monk
         (["--max-new-tokens", "100000"], "over the model's context of"),
     ],
 )
-def test_invalid_values_are_one_line_errors(exported: Exported, args: list[str], needle: str):
-    assert needle in one_line_error(run("-m", str(exported.path), "-p", "ROMEO:", *args))
+def test_invalid_values_are_one_line_errors(run, exported: Exported, args: list[str], needle: str):
+    one_line_error(run("-m", str(exported.path), "-p", "ROMEO:", *args), needle, only=True)
 
 
-def test_missing_file(tmp_path: Path):
-    line = one_line_error(run("-m", str(tmp_path / "nope.onnx"), "-p", "x"))
-    assert "not found" in line and "gptkit export" in line
+def test_missing_file(run, tmp_path: Path):
+    result = run("-m", str(tmp_path / "nope.onnx"), "-p", "x")
+    one_line_error(result, "not found", "gptkit export", only=True)
 
 
-def test_not_an_onnx_file(tmp_path: Path):
+def test_not_an_onnx_file(run, tmp_path: Path):
     path = tmp_path / "notes.onnx"
     path.write_text("hello")
-    assert "not a readable ONNX model" in one_line_error(run("-m", str(path), "-p", "x"))
+    one_line_error(run("-m", str(path), "-p", "x"), "not a readable ONNX model", only=True)
 
 
-def test_onnx_without_gptkit_metadata(exported: Exported, tmp_path: Path):
+def test_onnx_without_gptkit_metadata(run, exported: Exported, tmp_path: Path):
     onnx = pytest.importorskip("onnx")
     proto = onnx.load(str(exported.path))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare.onnx"))
-    line = one_line_error(run("-m", str(tmp_path / "bare.onnx"), "-p", "x"))
-    assert "no gptkit metadata" in line
+    result = run("-m", str(tmp_path / "bare.onnx"), "-p", "x")
+    one_line_error(result, "no gptkit metadata", only=True)
 
 
-def test_cuda_without_onnxruntime_gpu(exported: Exported):
+def test_cuda_without_onnxruntime_gpu(run, exported: Exported):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
-    assert "onnxruntime-gpu" in one_line_error(
-        run("-m", str(exported.path), "-p", "x", "--device", "cuda")
-    )
+    result = run("-m", str(exported.path), "-p", "x", "--device", "cuda")
+    one_line_error(result, "onnxruntime-gpu", only=True)
 
 
-def test_usage_errors_exit_2(exported: Exported):
+def test_usage_errors_exit_2(run, exported: Exported):
     result = run("-m", str(exported.path), "-p", "x", "--top-k", "many")
     assert result.exit_code == 2 and "Traceback" not in result.output
 

@@ -296,8 +296,13 @@ def test_score_refuses_texts_longer_than_the_context(model: Model):
 
 
 def test_options_are_checked_before_anything_runs(model: Model):
+    # A type checker rejects an unknown keyword (SamplingOptions); untyped callers get this.
     with pytest.raises(ConfigError, match="unknown generation option 'temprature'"):
         model.generate("x", temprature=0.5)
+    with pytest.raises(ConfigError, match="unknown generation option 'topk'"):
+        model.stream("x", topk=5)
+    with pytest.raises(ConfigError, match="unknown generation option 'seeds'"):
+        model.generate_tokens([1, 2], seeds=3)
     with pytest.raises(ConfigError, match="top_p"):
         model.stream("x", top_p=0)
     with pytest.raises(ConfigError, match="one prompt string"):
@@ -373,6 +378,7 @@ def torch_pair(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return export_tiny(tmp_path_factory.mktemp("parity"))
 
 
+@pytest.mark.torch
 def test_greedy_tokens_equal_pytorch_greedy(torch_pair: Exported):
     import torch
 
@@ -391,6 +397,7 @@ def test_greedy_tokens_equal_pytorch_greedy(torch_pair: Exported):
         assert got == expected, prompt
 
 
+@pytest.mark.torch
 def test_fp16_export_runs_with_an_fp16_cache(tmp_path: Path):
     fp16 = export_tiny(tmp_path, dtype="fp16")
     model = runtime.load(fp16.path, threads=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from runtime.errors import ConfigError, GptkitError
-from runtime.sampling import SamplingConfig, choose_token, log_softmax, process_logits
+from runtime.sampling import (
+    SamplingConfig,
+    SamplingOptions,
+    choose_token,
+    log_softmax,
+    process_logits,
+)
 
 # ---- SamplingConfig ---------------------------------------------------------------------------
 
@@ -50,6 +58,20 @@ def test_stop_accepts_one_string_or_a_list():
     assert SamplingConfig(stop="\n\n").stop == ("\n\n",)
     assert SamplingConfig(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingConfig(stop=None).stop == ()
+
+
+def test_sampling_options_match_the_config_fields():
+    """The TypedDict behind ``Model.generate(**options)`` has one optional key per field."""
+    fields = {f.name: f for f in dataclasses.fields(SamplingConfig)}
+    assert set(SamplingOptions.__annotations__) == set(fields)
+    assert SamplingOptions.__optional_keys__ == frozenset(fields)
+    option_types = typing.get_type_hints(SamplingOptions)
+    config_types = typing.get_type_hints(SamplingConfig)
+    for name in fields:
+        if name == "stop":  # wider: one string or any list of them, normalised to a tuple
+            assert config_types[name] in typing.get_args(option_types[name])
+        else:
+            assert option_types[name] == config_types[name], name
 
 
 # ---- each processor ---------------------------------------------------------------------------

@@ -243,6 +243,8 @@ def trained_4096(shakespeare: str):
     return ours, hf
 
 
+@pytest.mark.slow  # with the next: two 4096-id BPEs trained on the 1 MB corpus
+@pytest.mark.torch
 def test_bpe_training_reaches_the_asked_vocab_size(trained_4096, shakespeare: str) -> None:
     ours, _ = trained_4096
     assert ours.n_vocab == 4096
@@ -252,6 +254,8 @@ def test_bpe_training_reaches_the_asked_vocab_size(trained_4096, shakespeare: st
     assert ours.decode(ids) == shakespeare
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_tiktoken_encodes_like_the_hf_trainer(trained_4096, shakespeare: str) -> None:
     from gpt_core.bpe import bytes_to_unicode
 
