@@ -95,8 +95,8 @@ class CustomDataset(torch.utils.data.Dataset):
     The corpus is tokenized once into a memmap (see :func:`tokenize_cached`); the last
     ``val_fraction`` of its tokens is the validation split, the rest the training split.
 
-    >>> ds = CustomDataset("input.txt", tokenizer, block_size=128)  # doctest: +SKIP
-    >>> x, y = ds[0]  # y is x shifted left by one token
+    ``x, y = CustomDataset("input.txt", tokenizer, block_size=128)[0]`` gives one window: ``y``
+    is ``x`` shifted left by one token.
     """
 
     def __init__(

@@ -15,20 +15,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from click.testing import CliRunner, Result
+from reliability_helpers import ROOT, digest, gptkit, one_line_error
 
-torch = pytest.importorskip("torch")
-
-from click.testing import CliRunner  # noqa: E402
-from reliability_helpers import ROOT, digest, gptkit, one_line_error  # noqa: E402
-
-from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint  # noqa: E402
-from gpt_core.config import GPTConfig  # noqa: E402
-from gpt_core.train import TrainConfig, train  # noqa: E402
-from gptkit.cli import cli  # noqa: E402
+from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint
+from gpt_core.config import GPTConfig
+from gpt_core.train import TrainConfig, train
+from gptkit.cli import cli
 
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
 FAST: dict[str, Any] = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1}  # cheap evals
@@ -70,8 +69,12 @@ def run_copy(tmp_path: Path, finished_run: Path) -> Path:
     return Path(shutil.copytree(finished_run, tmp_path / "run", symlinks=True))
 
 
-def gptkit_train(*args: str):
-    return CliRunner().invoke(cli, ["train", *args])
+@pytest.fixture
+def gptkit_train(runner: CliRunner) -> Callable[..., Result]:
+    def invoke(*args: str) -> Result:
+        return runner.invoke(cli, ["train", *args])
+
+    return invoke
 
 
 def assert_run_intact(run: Path, before: str) -> None:
@@ -111,23 +114,23 @@ CONFIG_CASES = [
 @pytest.mark.parametrize(
     ("args", "needles"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
 )
-def test_bad_flag_is_one_line_error(tmp_path, corpus, args, needles):
+def test_bad_flag_is_one_line_error(tmp_path, corpus, args, needles, gptkit_train):
     result = gptkit_train("--data", str(corpus), *TINY, "--max-steps", "2", "--out", "run", *args)
     one_line_error(result, *needles)
     assert not (tmp_path / "run" / "last").exists()
 
 
-def test_usage_errors_exit_2(corpus):
+def test_usage_errors_exit_2(corpus, gptkit_train):
     one_line_error(gptkit_train("--data", str(corpus), "--n-layer", "two"), "two", code=2)
 
 
-def test_resume_with_init_from_is_the_library_error(corpus: Path) -> None:
+def test_resume_with_init_from_is_the_library_error(corpus: Path, gptkit_train) -> None:
     """train() refuses the pair; the CLI shows its one line (exit 1), with no check of its own."""
     result = gptkit_train("--data", str(corpus), "--resume", "--init-from", "x")
     one_line_error(result, "--resume and --init-from cannot be combined")
 
 
-def test_out_is_an_existing_file(tmp_path, corpus):
+def test_out_is_an_existing_file(tmp_path, corpus, gptkit_train):
     """`gptkit train --out notes.txt` where notes.txt is a file: one line naming the path (it once
     ended in a FileExistsError traceback after tokenizing), and the file untouched."""
     notes = tmp_path / "notes.txt"
@@ -158,7 +161,7 @@ CONFIG_FILE_CASES = [
     [c[1:] for c in CONFIG_FILE_CASES],
     ids=[c[0] for c in CONFIG_FILE_CASES],
 )
-def test_bad_config_file(tmp_path, corpus, content, needles):
+def test_bad_config_file(tmp_path, corpus, content, needles, gptkit_train):
     path = tmp_path / "run.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     result = gptkit_train("--data", str(corpus), *TINY, "--config", str(path), "--out", "run")
@@ -166,13 +169,13 @@ def test_bad_config_file(tmp_path, corpus, content, needles):
     assert not (tmp_path / "run" / "last").exists()
 
 
-def test_missing_config_file(corpus):
+def test_missing_config_file(corpus, gptkit_train):
     one_line_error(
         gptkit_train("--data", str(corpus), "--config", "nope.json"), "nope.json not found"
     )
 
 
-def test_config_file_may_name_the_data(tmp_path, corpus):
+def test_config_file_may_name_the_data(tmp_path, corpus, gptkit_train):
     """`data` is a documented training field: a config file may hold it, and the run trains on it
     (it once crashed with "TrainConfig() got multiple values for keyword argument 'data'", as
     did out_dir, precision, device and compile)."""
@@ -188,12 +191,12 @@ def test_config_file_may_name_the_data(tmp_path, corpus):
 # ---- resuming ---------------------------------------------------------------------------------
 
 
-def test_resume_without_a_run(tmp_path):
+def test_resume_without_a_run(tmp_path, gptkit_train):
     one_line_error(gptkit_train("--out", "nowhere", "--resume"), "nothing to resume in nowhere")
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_resume_from_a_checkpoint_without_state(run_copy):
+def test_resume_from_a_checkpoint_without_state(run_copy, gptkit_train):
     (resolve_checkpoint(run_copy / "last") / "state.pt").unlink()
     before = digest(run_copy)
     result = gptkit_train("--out", str(run_copy), "--resume")
@@ -202,7 +205,7 @@ def test_resume_from_a_checkpoint_without_state(run_copy):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "malicious-pickle"])
-def test_resume_from_a_bad_state_file(run_copy, tmp_path, kind):
+def test_resume_from_a_bad_state_file(run_copy, tmp_path, kind, gptkit_train):
     """A state.pt that is cut short, or that would run code when unpickled: one line, nothing
     executed (weights_only=True), the checkpoint untouched and still loadable."""
     state = resolve_checkpoint(run_copy / "last") / "state.pt"
@@ -223,7 +226,7 @@ def test_resume_from_a_bad_state_file(run_copy, tmp_path, kind):
     assert_run_intact(run_copy, before)
 
 
-def test_resume_with_a_larger_block_size(run_copy):
+def test_resume_with_a_larger_block_size(run_copy, gptkit_train):
     """`gptkit train --out RUN --resume --block-size 64` on a run trained with block_size 32: one
     line saying the run's block_size is 32 (a resumed run keeps its shape, and the library
     refuses the flag rather than ignoring it); the run untouched."""
@@ -288,6 +291,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_point_of_a_checkpoint_write(tmp_path):
     """A process SIGKILLed before each file-system call of save_checkpoint (write, fsync, rename,
     symlink, delete) leaves a run whose checkpoint loads: the previous one or the new one, whole,
@@ -325,7 +329,8 @@ def test_sigkill_at_every_point_of_a_checkpoint_write(tmp_path):
     assert seen == {1, 2}  # killed early: the old checkpoint; late: the new one
 
 
-def test_sigint_during_training_then_resume(tmp_path, corpus, fast_config):
+@pytest.mark.slow
+def test_sigint_during_training_then_resume(tmp_path, corpus, fast_config, gptkit_train):
     """`gptkit train ... --max-steps 60` in a real process, SIGINT after a few steps: exit 130,
     the message says how to resume, last/ holds a resumable checkpoint; `--resume` finishes the
     run from there (metrics continue without repeating a step)."""

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from gpt_core import schedule  # noqa: E402
-from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint  # noqa: E402
-from gpt_core.config import GPTConfig  # noqa: E402
-from gpt_core.train import Event, TrainConfig, train, write_loss_plot  # noqa: E402
-from runtime.errors import CheckpointError, ConfigError  # noqa: E402
+from gpt_core import schedule
+from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint
+from gpt_core.config import GPTConfig
+from gpt_core.train import Event, TrainConfig, train, write_loss_plot
+from runtime.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from gpt_core.model import GPT

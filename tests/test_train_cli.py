@@ -6,20 +6,19 @@ import json
 import signal
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
+from reliability_helpers import one_line_error as shared_one_line_error
 
-torch = pytest.importorskip("torch")
-
-from gpt_core.checkpoint import load_model  # noqa: E402
-from gpt_core.train_config import (  # noqa: E402
+from gpt_core.checkpoint import load_model
+from gpt_core.train_config import (
     DEFAULT_MAX_STEPS,
     DEFAULT_PRESET,
     DEFAULT_RUN_DIR,
     PRECISIONS,
     TrainConfig,
 )
-from gptkit import train_cmd  # noqa: E402
-from gptkit.cli import cli  # noqa: E402
+from gptkit import train_cmd
+from gptkit.cli import cli
 
 DOCUMENTED_FLAGS = (
     "--data --out --preset --config --n-layer --n-head --n-embd --block-size --batch-size "
@@ -32,12 +31,9 @@ TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-
 pytestmark = pytest.mark.usefixtures("isolated_dirs")
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
+def one_line_error(result: Result, *fragments: str) -> str:
+    """The command printed exactly one ``Error: ...`` line holding every fragment."""
+    return shared_one_line_error(result, *fragments, only=True)
 
 
 def test_help_lists_the_documented_flags(runner) -> None:
@@ -68,6 +64,7 @@ def test_help_shows_the_library_defaults(runner: CliRunner) -> None:
     assert not any(hasattr(train_cmd, name) for name in ("DEFAULT_OUT", "DEFAULT_STEPS"))
 
 
+@pytest.mark.slow
 def test_no_data_trains_on_the_bundled_corpus_into_the_default_run(runner) -> None:
     result = runner.invoke(cli, ["train", *TINY, "--max-steps", "2", "--eval-interval", "2"])
     assert result.exit_code == 0, result.output
@@ -138,28 +135,28 @@ def test_ctrl_c_prints_how_to_resume_and_resume_finishes(runner, corpus, monkeyp
     ids=["data", "resume", "fp16", "shape", "preset", "config", "init-from", "tokenizer"],
 )
 def test_user_mistakes_are_one_line_errors(runner, args, fragments) -> None:
-    assert_one_line_error(runner.invoke(cli, ["train", "--max-steps", "1", *args]), *fragments)
+    one_line_error(runner.invoke(cli, ["train", "--max-steps", "1", *args]), *fragments)
 
 
 def test_undecodable_data_and_bad_config_files(runner, tmp_path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc\n\xff\xfe")
     result = runner.invoke(cli, ["train", "--data", str(bad), "--tokenizer", "gpt2x"])
-    assert_one_line_error(result, "unknown tokenizer")
+    one_line_error(result, "unknown tokenizer")
     result = runner.invoke(cli, ["train", "--data", str(bad), *TINY])
-    assert_one_line_error(result, f"{bad} is not UTF-8 text (invalid byte at offset 4)")
+    one_line_error(result, f"{bad} is not UTF-8 text (invalid byte at offset 4)")
     config = tmp_path / "c.json"
     config.write_text('{"n_layers": 3}')
-    assert_one_line_error(
+    one_line_error(
         runner.invoke(cli, ["train", "--config", str(config)]), "unknown key(s): n_layers"
     )
     config.write_text("[1, 2")
-    assert_one_line_error(runner.invoke(cli, ["train", "--config", str(config)]), "not valid JSON")
+    one_line_error(runner.invoke(cli, ["train", "--config", str(config)]), "not valid JSON")
 
 
 def test_resume_and_init_from_together_is_a_one_line_error(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["train", "--resume", "--init-from", "x"])
-    assert_one_line_error(result, "--resume and --init-from cannot be combined")
+    one_line_error(result, "--resume and --init-from cannot be combined")
 
 
 def test_config_file_fields_yield_to_flags(runner, corpus, tmp_path) -> None:
@@ -172,7 +169,7 @@ def test_config_file_fields_yield_to_flags(runner, corpus, tmp_path) -> None:
     train = json.loads((tmp_path / "from-file" / "last" / "config.json").read_text())["train"]
     assert (train["data"], train["seed"], train["max_steps"]) == ([str(corpus)], 4, 2)
     config.write_text(json.dumps({"train": {"lr": "fast"}}))
-    assert_one_line_error(
+    one_line_error(
         runner.invoke(cli, ["train", "--config", str(config)]),
         "training field lr must be a number, got 'fast'",
     )
@@ -182,8 +179,8 @@ def test_resume_refuses_a_different_shape(runner, corpus) -> None:
     args = ["train", "--data", str(corpus), "--out", "r", *TINY, "--max-steps", "2"]
     assert runner.invoke(cli, args).exit_code == 0
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--n-embd", "128"])
-    assert_one_line_error(result, "the run in r has n_embd 64, not 128", "--init-from r")
+    one_line_error(result, "the run in r has n_embd 64, not 128", "--init-from r")
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "9"])
-    assert_one_line_error(result, "the run in r has max_steps 2, not 9")
+    one_line_error(result, "the run in r has max_steps 2, not 9")
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--block-size", "32"])
     assert result.exit_code == 0, result.output  # the same value is fine
