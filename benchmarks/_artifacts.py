@@ -14,6 +14,7 @@ from typing import Any
 
 import _common as common
 
+from export.genai_export import write_genai_config
 from runtime import onnx_contract as contract
 
 # Exports made for each shape: directory -> (precision, ExportOptions.kv_cache). "fp32"/"int8" are
@@ -150,79 +151,22 @@ def bench_tokenizer(vocab_size: int):
     raise ValueError(f"vocab_size {vocab_size} is too large for the benchmark tokenizer")
 
 
-def write_genai_config(
-    model_dir: Path,
-    config: dict[str, Any],
-    filename: str = "model.onnx",
-    *,
-    share_buffer: bool = False,
-) -> Path:
-    """genai_config.json for onnxruntime-genai's generic ``decoder`` type over a gptkit export.
-
-    ``share_buffer`` is genai's ``past_present_share_buffer``. It must be false for the default
-    export: that graph concatenates the cache, so present.* grows by one position per step and
-    cannot alias a max-length past buffer. It is true for ``kv_cache="inplace"`` exports, whose
-    GroupQueryAttention writes the new positions into the past buffer when past and present are
-    the same OrtValue: genai then allocates one (batch, heads, max_length, head_dim) buffer per
-    layer and binds it as both. genai refuses a max_length above context_length (block_size); the
-    benchmark's generations (prompt + new tokens) stay within it.
-    """
-    n_head, n_embd = config["n_head"], config["n_embd"]
-    eos = config["vocab_size"] - 1
-    max_length = min(common.PROMPT_LEN + common.NEW_TOKENS, config["block_size"])
-    genai = {
-        "model": {
-            "type": "decoder",
-            "bos_token_id": eos,
-            "eos_token_id": eos,
-            "pad_token_id": eos,
-            "vocab_size": config["vocab_size"],
-            "context_length": config["block_size"],
-            "decoder": {
-                "session_options": {
-                    "intra_op_num_threads": common.THREADS,
-                    "inter_op_num_threads": 1,
-                    "provider_options": [],
-                },
-                "filename": filename,
-                "head_size": n_embd // n_head,
-                "hidden_size": n_embd,
-                "num_attention_heads": n_head,
-                "num_key_value_heads": n_head,
-                "num_hidden_layers": config["n_layer"],
-                # keys: genai's config fields; values: the export's names (the ONNX contract)
-                "inputs": {
-                    "input_ids": contract.INPUT_IDS,
-                    "attention_mask": contract.ATTENTION_MASK,
-                    "position_ids": contract.POSITION_IDS,
-                    "past_key_names": contract.genai_template(contract.PAST_KEY),
-                    "past_value_names": contract.genai_template(contract.PAST_VALUE),
-                },
-                "outputs": {
-                    "logits": contract.LOGITS,
-                    "present_key_names": contract.genai_template(contract.PRESENT_KEY),
-                    "present_value_names": contract.genai_template(contract.PRESENT_VALUE),
-                },
-            },
-        },
-        "search": {
-            "do_sample": False,
-            "num_beams": 1,
-            "max_length": max_length,
-            "min_length": max_length,
-            "past_present_share_buffer": share_buffer,
-            "top_k": 1,
-            "temperature": 1.0,
-        },
-    }
-    path = model_dir / "genai_config.json"
-    path.write_text(json.dumps(genai, indent=2) + "\n")
-    return path
-
-
 def _write_genai_config_for(path: Path, config: dict[str, Any], kv_cache: str) -> None:
-    share = kv_cache == contract.KV_INPLACE
-    write_genai_config(path.parent, config, path.name, share_buffer=share)
+    """genai_config.json beside an export, by gptkit's own writer (the one `gptkit export --format
+    genai` uses; past_present_share_buffer follows ``kv_cache``), for the benchmark's workload:
+    max_length = min_length = prompt + new tokens (genai refuses more than block_size), so every
+    system generates the same count, and THREADS intra-op threads."""
+    length = min(common.PROMPT_LEN + common.NEW_TOKENS, config["block_size"])
+    write_genai_config(
+        path.parent,
+        config,
+        eos_token_id=config["vocab_size"] - 1,  # bench_tokenizer puts <|endoftext|> last
+        kv_cache=kv_cache,
+        filename=path.name,
+        max_length=length,
+        min_length=length,
+        session_options={"intra_op_num_threads": common.THREADS, "inter_op_num_threads": 1},
+    )
 
 
 def warm_runtime_cache(manifest: dict, artifacts: list[str]) -> list[str]:

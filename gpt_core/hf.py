@@ -33,6 +33,8 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 # Conv1D layers, whose (in, out) weights are transposed into nn.Linear's (out, in).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Our output head: tied to wte, so Hugging Face's files store it once, as transformer.wte.weight.
+HEAD = "lm_head.weight"
 
 
 def load_hf_gpt2(directory: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
@@ -150,6 +152,22 @@ def hf_tokenizer(directory: Path) -> Tokenizer:
 # ---- weights ------------------------------------------------------------------------------------
 
 
+def hf_layout(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The one name/layout rule, both ways: our parameter names are GPT-2's (``transformer.``
+    prefix included), and Conv1D weights are the transpose of nn.Linear's (its own inverse)."""
+    return value.t() if name.endswith(CONV1D) else value
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our GPT's state dict as ``GPT2LMHeadModel`` saves it: fp32, contiguous, head left out
+    (tied, so transformers rebuilds it from wte; the inverse of :func:`_our_state_dict`)."""
+    return {
+        name: hf_layout(name, value.detach()).to("cpu", torch.float32).contiguous()
+        for name, value in state.items()
+        if name != HEAD
+    }
+
+
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     require("safetensors", extra="train", purpose="importing a Hugging Face checkpoint")
     from safetensors import SafetensorError
@@ -197,12 +215,11 @@ def _our_state_dict(
         name = key.removeprefix("transformer.")
         if name.endswith((".attn.bias", ".attn.masked_bias")) and name.count(".") == 3:
             continue  # old checkpoints store the causal mask as a buffer; we build our own
-        if name == "lm_head.weight":
+        if name == HEAD:
             head = value
             continue
-        if name.endswith(CONV1D):
-            value = value.t()
-        state[f"transformer.{name}"] = value.float().contiguous()
+        name = f"transformer.{name}"
+        state[name] = hf_layout(name, value).float().contiguous()
 
     wte = state.get("transformer.wte.weight")
     if wte is not None:
@@ -211,7 +228,7 @@ def _our_state_dict(
                 f"{directory}: lm_head.weight differs from wte; gptkit's GPT ties them, so "
                 "untied GPT-2 variants cannot be imported"
             )
-        state["lm_head.weight"] = wte
+        state[HEAD] = wte
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:

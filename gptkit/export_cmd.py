@@ -1,10 +1,14 @@
-"""`gptkit export`: a trained model to one self-contained ONNX file, parity-checked on the spot."""
+"""`gptkit export`: a trained model to one self-contained ONNX file (or a Hugging Face or
+onnxruntime-genai directory), parity-checked on the spot."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from export.options import DTYPES, QUANTIZATIONS, SUPPORTED_OPSETS, ExportOptions
 from runtime.errors import require
@@ -12,10 +16,29 @@ from runtime.files import DEFAULT_MODEL
 from runtime.onnx_contract import KV_CACHE_MODES, KV_INPLACE
 
 _DEFAULTS = ExportOptions()
+FORMATS = ("onnx", "hf", "genai")
+DEFAULT_OUTPUTS = {"onnx": DEFAULT_MODEL, "hf": "model-hf", "genai": "model-genai"}
+# Options of the ONNX graph; a Hugging Face directory holds the fp32 PyTorch weights instead.
+ONNX_ONLY = {
+    "opset": "--opset",
+    "dtype": "--dtype",
+    "quantize": "--quantize",
+    "optimize": "--optimize",
+    "kv_cache": "--kv-cache",
+}
 
 
 @click.command("export")
-@click.argument("output", default=DEFAULT_MODEL, type=click.Path())
+@click.argument("output", required=False, type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="onnx",
+    show_default=True,
+    help="onnx: one .onnx file for `gptkit run`. hf: a Hugging Face GPT-2 directory "
+    "(transformers, vLLM, llama.cpp's converter). genai: a directory onnxruntime-genai opens.",
+)
 @click.option(
     "--checkpoint",
     type=click.Path(),
@@ -62,43 +85,47 @@ _DEFAULTS = ExportOptions()
     "(faster decoding, flat per-step cost; the file then needs ONNX Runtime).",
 )
 def export_command(
-    output: str = DEFAULT_MODEL,
+    output: str | None = None,
     checkpoint: str | None = None,
     hf_dir: str | None = None,
+    fmt: str = "onnx",
     opset: int = _DEFAULTS.opset,
     dtype: str = _DEFAULTS.dtype,
     quantize: str | None = _DEFAULTS.quantize,
     optimize: bool = _DEFAULTS.optimize,
     kv_cache: str = _DEFAULTS.kv_cache,
 ) -> None:
-    """Export a trained model to OUTPUT (default model.onnx) with a KV cache.
+    """Export a trained model to OUTPUT (default model.onnx; model-hf/ or model-genai/ for the
+    directory formats).
 
-    The file carries the weights, the model config and the tokenizer; `gptkit run` needs nothing
-    else. Before declaring success, ONNX Runtime's logits and cache are compared with PyTorch's at
-    a prompt and at cached decode steps; a model over tolerance is not written.
+    The .onnx file carries the weights, the model config and the tokenizer, with a KV cache;
+    `gptkit run` needs nothing else. Every export is checked before it is published: ONNX
+    Runtime (or transformers, for --format hf) must give PyTorch's logits, else nothing is
+    written. A directory OUTPUT is replaced only when it is empty or a previous gptkit export.
     """
     require("torch", extra="train", purpose="gptkit export")
-    require("onnx", extra="train", purpose="gptkit export")
-    from export.onnx_export import check_target, export_onnx
-    from export.parity import ParityReport
-    from runtime.errors import ParityError
-
     if checkpoint and hf_dir:
         raise click.UsageError("give either --checkpoint or --hf, not both")
+    target = Path(output or DEFAULT_OUTPUTS[fmt])
     options = ExportOptions(
         opset=opset, dtype=dtype, quantize=quantize, optimize=optimize, kv_cache=kv_cache
     )
+    if fmt == "hf":
+        _check_hf_usage(target)
+        _export_hf(target, checkpoint, hf_dir)
+        return
+    require("onnx", extra="train", purpose="gptkit export")
     options.validate()
-    target = Path(output)
+    if fmt == "genai":
+        _export_genai(target, checkpoint, hf_dir, options)
+        return
+    from export.onnx_export import check_target, export_onnx
+
     check_target(target)  # before loading anything: a bad path should fail in a second
     model, tokenizer, source = _load(checkpoint, hf_dir)
     click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
-    try:
+    with _parity_figures():
         result = export_onnx(model, tokenizer, target, options=options, source=source)
-    except ParityError as e:  # show the figures behind the refusal, then the one-line error
-        if isinstance(e.report, ParityReport):
-            click.echo("\n".join(e.report.lines()))
-        raise
     assert result.parity is not None  # verified: the CLI always checks parity
     click.echo("\n".join(result.parity.lines()))
 
@@ -118,6 +145,93 @@ def export_command(
         click.echo(f"  {note}")
     _warm_load_cache(target)
     click.echo(f'Next: gptkit run --model {target} --prompt "ROMEO:"', err=True)
+
+
+def _check_hf_usage(target: Path) -> None:
+    """ONNX-only flags and a file-like OUTPUT are usage errors with --format hf."""
+    ctx = click.get_current_context()
+    given = [
+        flag
+        for name, flag in ONNX_ONLY.items()
+        if ctx.get_parameter_source(name)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    ]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --format hf "
+            "(a Hugging Face directory holds the fp32 PyTorch weights); leave "
+            f"{'it' if len(given) == 1 else 'them'} out"
+        )
+    if target.suffix == ".onnx" and not target.is_dir():
+        raise click.UsageError(
+            f"--format hf writes a directory, not {target}; give a directory name "
+            f"(default {DEFAULT_OUTPUTS['hf']})"
+        )
+
+
+def _export_hf(target: Path, checkpoint: str | None, hf_dir: str | None) -> None:
+    require("safetensors", extra="train", purpose="gptkit export --format hf")
+    require("tokenizers", extra="train", purpose="gptkit export --format hf")
+    from export.hf_export import check_target, export_hf
+
+    check_target(target)  # before loading anything
+    model, tokenizer, source = _load(checkpoint, hf_dir)
+    click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
+    result = export_hf(model, tokenizer, target, source=source)
+    click.echo(result.parity_line())
+    _print_files(target, result.files, result.export_seconds)
+    for note in result.notes:
+        click.echo(f"  {note}")
+    click.echo(
+        f'Next: python -c "from transformers import pipeline; '
+        f"print(pipeline('text-generation', '{target}')('ROMEO:')[0]['generated_text'])\"",
+        err=True,
+    )
+
+
+def _export_genai(
+    target: Path, checkpoint: str | None, hf_dir: str | None, options: ExportOptions
+) -> None:
+    from export.genai_export import check_target, export_genai
+
+    check_target(target)  # before loading anything
+    model, tokenizer, source = _load(checkpoint, hf_dir)
+    click.echo(f"Exporting {model.num_params() / 1e6:.2f}M parameters from {source} ...", err=True)
+    with _parity_figures():
+        result = export_genai(model, tokenizer, target, options=options, source=source)
+    if result.parity is not None:
+        click.echo("\n".join(result.parity.lines()))
+    path = Path(result.path)
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    _print_files(path, files, None)
+    for note in result.notes:
+        click.echo(f"  {note}")
+    click.echo(f"Next: gptkit inspect {path}", err=True)
+
+
+def _print_files(directory: Path, files: dict[str, int], seconds: float | None) -> None:
+    total = sum(files.values())
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    click.echo(
+        f"Wrote {str(directory).rstrip('/')}/: {len(files)} files, {total / 1e6:.2f} MB{took}"
+    )
+    for name, size in files.items():
+        shown = f"{size / 1e6:.2f} MB" if size >= 100_000 else f"{size / 1e3:.1f} KB"
+        click.echo(f"  {name:<28} {shown:>10}")
+
+
+@contextlib.contextmanager
+def _parity_figures() -> Iterator[None]:
+    """On a parity refusal, show the figures behind it, then let the one-line error through."""
+    from export.parity import ParityReport
+    from runtime.errors import ParityError
+
+    try:
+        yield
+    except ParityError as e:
+        if isinstance(e.report, ParityReport):
+            click.echo("\n".join(e.report.lines()))
+        raise
 
 
 def _warm_load_cache(target: Path) -> None:

@@ -113,3 +113,153 @@ def test_works_without_torch(exported) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "config:    n_layer=2" in done.stdout
+
+
+# ---- directory exports --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory, bpe_tokenizer) -> Path:
+    from export.hf_export import export_hf
+
+    torch.manual_seed(1234)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    directory = tmp_path_factory.mktemp("inspect-hf") / "model-hf"
+    export_hf(model, bpe_tokenizer, directory, source="here", verify=False)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def genai_export(tmp_path_factory, exported) -> Path:
+    """A genai folder as onnxruntime-genai reads it: the .onnx beside its genai_config.json."""
+    directory = tmp_path_factory.mktemp("inspect-genai") / "model-genai"
+    directory.mkdir()
+    (directory / "model.onnx").write_bytes(exported.read_bytes())
+    decoder = {
+        "filename": "model.onnx",
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+    config = {
+        "model": {
+            "type": "decoder",
+            "context_length": 64,
+            "vocab_size": 512,
+            "eos_token_id": 511,
+            "bos_token_id": 511,
+            "pad_token_id": 511,
+            "decoder": decoder,
+        },
+        "search": {"max_length": 64, "past_present_share_buffer": False},
+    }
+    (directory / "genai_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_hf_directory(runner, hf_export, bpe_tokenizer) -> None:
+    result = runner.invoke(cli, ["inspect", str(hf_export)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.splitlines()[0].startswith(f"{hf_export}/: Hugging Face gpt2 directory, 0.5")
+    assert "config:    n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512" in out
+    eot = bpe_tokenizer.eot_token
+    assert (
+        f"tokenizer: GPT2Tokenizer, {bpe_tokenizer.n_vocab} ids (special: <|endoftext|>={eot}), "
+        "eos <|endoftext|>"
+    ) in out
+    assert "weights:   model.safetensors: 0.14M parameters in 28 tensors" in out
+    assert "(F32 x28)" in out and "exported:  gptkit" in out and "from here" in out
+    assert "  tokenizer.json" in out
+
+    doc = json.loads(runner.invoke(cli, ["inspect", "--json", str(hf_export)]).stdout)
+    assert doc["format"] == "hf" and doc["config"]["n_ctx"] == 64
+    assert doc["tokenizer"]["n_vocab"] == bpe_tokenizer.n_vocab
+    assert doc["tokenizer"]["special_tokens"] == {"<|endoftext|>": eot}
+    assert doc["weights"]["dtypes"] == {"F32": 28}
+    assert doc["weights"]["n_params"] == GPT(GPTConfig.preset("tiny")).num_params()
+    assert doc["gptkit"]["config"] == GPTConfig.preset("tiny").to_dict()
+    assert doc["size_bytes"] == sum(p.stat().st_size for p in hf_export.iterdir())
+
+
+def test_genai_directory(runner, genai_export) -> None:
+    result = runner.invoke(cli, ["inspect", str(genai_export)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.splitlines()[0].startswith(f"{genai_export}/: onnxruntime-genai directory")
+    assert "genai:     type decoder, context 64, max_length 64" in out
+    assert "past_present_share_buffer false, eos/bos/pad 511/511/511" in out
+    assert "past_key_names=past_key_values.%d.key" in out
+    assert "present_value_names=present.%d.value" in out
+    # then the inner .onnx, as for a file
+    assert f"{genai_export / 'model.onnx'}: " in out
+    assert "kv_cache        concat" in out and "source          here" in out
+
+    doc = json.loads(runner.invoke(cli, ["inspect", "--json", str(genai_export)]).stdout)
+    assert doc["format"] == "genai" and doc["genai"]["past_present_share_buffer"] is False
+    assert doc["model"]["export"]["kv_cache"] == "concat"
+    assert doc["model"]["inputs"][0]["name"] == "input_ids"
+
+
+def checkpoint_dir(path: Path, bpe_tokenizer) -> None:
+    from gpt_core.checkpoint import save_model
+
+    save_model(path, GPT(GPTConfig.preset("tiny")), bpe_tokenizer)
+
+
+def corrupt_safetensors(path: Path, hf_export: Path) -> None:
+    path.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((hf_export / name).read_bytes())
+    (path / "model.safetensors").write_bytes(b"\xff" * 20)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("plain", "neither config.json (Hugging Face) nor genai_config.json"),
+        ("checkpoint", "is a gptkit training checkpoint, not an export"),
+        ("corrupt", "is not a readable safetensors file"),
+        ("genai-without-model", "model.decoder.filename"),
+    ],
+)
+def test_refuses_directories_that_are_not_exports(
+    runner, tmp_path, hf_export, bpe_tokenizer, kind, message
+) -> None:
+    path = tmp_path / "dir"
+    if kind == "plain":
+        path.mkdir()
+        (path / "notes.txt").write_text("hello")
+    elif kind == "checkpoint":
+        checkpoint_dir(path, bpe_tokenizer)
+    elif kind == "corrupt":
+        corrupt_safetensors(path, hf_export)
+    else:
+        path.mkdir()
+        (path / "genai_config.json").write_text('{"model": {"decoder": {"filename": "x.onnx"}}}')
+    result = runner.invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def test_hf_directory_without_torch(hf_export) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnxruntime'] = None\n"
+        "from gptkit.cli import main\n"
+        f"sys.argv = ['gptkit', 'inspect', {str(hf_export)!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "config:    n_layer=2" in done.stdout
