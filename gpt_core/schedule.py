@@ -99,18 +99,49 @@ def make_optimizer(
 
 
 def learning_rate(
-    step: int, total_steps: int, *, lr: float, warmup_steps: int, min_lr_ratio: float
+    step: int,
+    total_steps: int,
+    *,
+    lr: float,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    restart: tuple[int, float] | None = None,
 ) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at the end.
 
     Warmup is capped at a tenth of the run, so short runs (tests, fine-tuning) still decay.
+    ``restart`` is a re-planned run's ``(step, lr)`` (see :func:`replan`): from that step on, the
+    cosine goes from that learning rate down to the floor at ``total_steps`` instead.
     """
+    min_lr = lr * min_lr_ratio
+    if restart is not None and step >= restart[0]:
+        start, start_lr = restart
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        return min_lr + 0.5 * (start_lr - min_lr) * (1 + math.cos(math.pi * progress))
     warmup = min(warmup_steps, max(1, total_steps // 10))
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    min_lr = lr * min_lr_ratio
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def replan(
+    step: int,
+    old_total: int,
+    *,
+    lr: float,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    restart: tuple[int, float] | None = None,
+) -> tuple[int, float]:
+    """The ``restart`` of a run whose length changes at ``step``: no jump in the learning rate.
+
+    The step about to run keeps the rate the old plan gives it, and the new plan decays from
+    there (cosine) to the floor at the new end. A finished run is already at the floor, so it
+    continues there; a run stopped mid-decay stretches (or shortens) the rest of its decay.
+    """
+    kw: dict[str, Any] = dict(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    return step, learning_rate(step, old_total, restart=restart, **kw)
 
 
 def total_steps(

@@ -6,7 +6,9 @@ The library never prints: :func:`train` reports through a callback that receives
 Training on CPU is deterministic for a seed, and ``resume=True`` continues bit for bit: the data
 order is a pure function of (seed, epoch), and the optimizer, scaler and every RNG state travel in
 the checkpoint. The first Ctrl-C finishes the current step, saves, and returns; a second one
-stops at once (the previous checkpoint stays loadable).
+stops at once (the previous checkpoint stays loadable). A resume that asks for a later end goes
+on past the run's planned end, its learning rate re-planned without a jump. One process writes a
+run directory at a time (``gpt_core.run_lock``).
 
 Runs under ``torchrun`` too (see ``gpt_core.distributed``): rank 0 alone evaluates, writes and
 reports; each rank takes its share of every micro-batch; gradients synchronise on the last one.
@@ -19,28 +21,22 @@ restored state), one optimizer step, evaluation, and saving a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
-from gpt_core import schedule
-from gpt_core.checkpoint import load_model, load_training_state, resolve_checkpoint, save_checkpoint
+from gpt_core import schedule, tracking
+from gpt_core.checkpoint import load_model, load_training_state, save_checkpoint
 from gpt_core.config import GPTConfig
 from gpt_core.dataset import (
     CustomDataset,
     bundled_corpus_path,
-    read_text,
     resolve_text_files,
     token_char_counts,
 )
@@ -53,6 +49,7 @@ from gpt_core.metrics import (
     write_loss_plot,
 )
 from gpt_core.model import GPT
+from gpt_core.run_lock import RunDirectoryBusyError, RunLock, StopOnSigint
 from gpt_core.train_config import (
     DEFAULT_MAX_STEPS,
     DEFAULT_PRESET,
@@ -61,7 +58,8 @@ from gpt_core.train_config import (
     check_resume,
 )
 from gpt_core.train_events import Callback, Event, TrainResult
-from runtime.errors import CheckpointError, ConfigError
+from gpt_core.train_setup import build_tokenizer, estimate_loss, last_checkpoint, load_init_from
+from runtime.errors import ConfigError
 from runtime.tokenizer import Tokenizer
 
 
@@ -76,16 +74,26 @@ def train(
     """Train a model of ``model_config`` as ``config`` says; returns where it saved and the result.
 
     model_config: the model's shape (its vocab_size always comes from the tokenizer); ``None``
-        means the ``DEFAULT_PRESET`` shape for a new run, and the run's own shape on resume.
+        means the ``DEFAULT_PRESET`` shape for a new run, the run's own shape on resume, and the
+        source's with ``init_from``.
     resume: continue the run in ``config.out_dir`` from its ``last`` checkpoint, bit for bit. The
         run keeps its shape and the fields in ``RESUME_FIXED`` (data, tokenizer, batch, schedule,
         seed, ...), and a conflicting request is a ConfigError, never silently dropped: a given
         ``model_config`` must be the run's shape, and each RESUME_FIXED field of ``config`` set
         to something other than its TrainConfig default must equal the run's value (fields left
         at their defaults take the run's). The other fields (device, precision, compile,
-        threads, logging and samples) apply to the resumed session as given.
+        threads, logging and samples) apply to the resumed session as given. The exception is
+        the length (``max_steps``/``epochs``): another end past the current step continues the
+        run there, finished or not, with the learning rate re-planned without a jump (cosine
+        from the current rate to the floor at the new end: ``schedule.replan``) and a "replan"
+        event; an end at or before the current step is a ConfigError.
     init_from: start a new run from a gptkit checkpoint or a local Hugging Face GPT-2 directory
-        (its shape, weights and tokenizer; ``model_config`` is not used). Not with ``resume``.
+        (its weights and tokenizer). A given ``model_config`` must have the source's shape
+        (``train_setup.SHAPE_FIELDS``, else a ConfigError); its dropout is used. Not with
+        ``resume``.
+
+    One process trains into a directory at a time: rank 0 holds ``gpt_core.run_lock.RunLock``
+    while the run lasts, and a second ``train`` into it raises RunDirectoryBusyError at once.
     """
     if resume and init_from is not None:
         raise ConfigError(
@@ -93,38 +101,62 @@ def train(
             "init-from starts a new one"
         )
     config.validate()
-    restored = None
-    if resume:  # the run's recipe replaces the defaults (checked and validated when it began)
-        config, restored = _restore(model_config, config)
+    tracking.check_tracker(config.log)
     if Path(config.out_dir).exists() and not Path(config.out_dir).is_dir():
         raise ConfigError(f"--out {config.out_dir} is a file; give a directory for the run")
 
     dist = Distributed.from_env()
+    lock = RunLock(config.out_dir)
     try:
+        _lock(lock, dist)
+        restored = None
+        if resume:  # the run's recipe replaces the defaults (checked and validated when it began)
+            config, restored = _restore(model_config, config)
         run = _Run(model_config, config, dist, callback, restored, init_from)
-        run.start()
-        with _StopOnSigint() as stop:
-            while run.step < run.total:
-                record = run.optimizer_step()
-                stopping = dist.broadcast_flag(stop.requested)
-                # Evaluate and checkpoint every eval_interval steps, at each epoch's end, at the
-                # last step and on Ctrl-C; in between, a metrics row every log_interval steps.
-                step = run.step
-                due = step % config.eval_interval == 0 or step % run.steps_per_epoch == 0
-                if dist.is_main and (due or step == run.total or stopping):
-                    run.evaluate_and_save(record)
-                elif dist.is_main and config.log_interval and step % config.log_interval == 0:
-                    append_metrics(run.metrics_path, record)
-                if stopping:
-                    run.interrupted = True
-                    run.emit("interrupted", {"run_dir": str(run.run_dir)})
-                    break
+        try:
+            _loop(run)
+        finally:
+            run.close()
         dist.barrier()
     finally:
+        lock.release()
         dist.close()
     if dist.is_main and not run.interrupted:
         run.emit("done", {"plot": write_loss_plot(run.metrics_path, run.run_dir / PLOT_FILE)})
     return run.result()
+
+
+def _lock(lock: RunLock, dist: Distributed) -> None:
+    """Rank 0 takes the run directory's lock; every rank stops when it cannot."""
+    busy: RunDirectoryBusyError | None = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunDirectoryBusyError as e:
+            busy = e
+    if dist.broadcast_flag(busy is not None):
+        raise busy or RunDirectoryBusyError(f"{lock.run_dir} is in use by another training run")
+
+
+def _loop(run: _Run) -> None:
+    config, dist = run.config, run.dist
+    run.start()
+    with StopOnSigint() as stop:
+        while run.step < run.total:
+            record = run.optimizer_step()
+            stopping = dist.broadcast_flag(stop.requested)
+            # Evaluate and checkpoint every eval_interval steps, at each epoch's end, at the
+            # last step and on Ctrl-C; in between, a metrics row every log_interval steps.
+            step = run.step
+            due = step % config.eval_interval == 0 or step % run.steps_per_epoch == 0
+            if dist.is_main and (due or step == run.total or stopping):
+                run.evaluate_and_save(record)
+            elif dist.is_main and config.log_interval and step % config.log_interval == 0:
+                run.log(record)
+            if stopping:
+                run.interrupted = True
+                run.emit("interrupted", {"run_dir": str(run.run_dir)})
+                break
 
 
 @dataclass
@@ -134,6 +166,7 @@ class _Restored:
     model: GPT
     tokenizer: Tokenizer
     state: dict[str, Any]  # optimizer, scaler, step, RNG states, the run's train_config
+    saved: dict[str, Any]  # the run's train_config as it was saved
 
 
 def _restore(model_config: GPTConfig | None, config: TrainConfig) -> tuple[TrainConfig, _Restored]:
@@ -143,9 +176,8 @@ def _restore(model_config: GPTConfig | None, config: TrainConfig) -> tuple[Train
     state = load_training_state(checkpoint)
     model, tokenizer = load_model(checkpoint)
     saved = state.get("train_config", {})
-    check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
-    config = dataclasses.replace(config, **{k: saved[k] for k in RESUME_FIXED if k in saved})
-    return config, _Restored(model, tokenizer, state)
+    kept = check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
+    return dataclasses.replace(config, **kept), _Restored(model, tokenizer, state, saved)
 
 
 class _Run:
@@ -164,6 +196,7 @@ class _Run:
         self.run_dir = Path(config.out_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.interrupted = False
+        self.tracker: tracking.Tracker | None = None
 
         # Device, threads and precision.
         dist.check_batch(config.batch_size)
@@ -176,7 +209,7 @@ class _Run:
         if restored is not None:
             self.model, self.tokenizer = restored.model, restored.tokenizer
         elif init_from is not None:
-            self.model, self.tokenizer = _init_from(Path(init_from))
+            self.model, self.tokenizer = load_init_from(init_from, model_config)
         else:
             self.tokenizer = build_tokenizer(config.tokenizer, files, config.vocab_size)
             torch.manual_seed(config.seed)
@@ -215,12 +248,16 @@ class _Run:
 
         # Progress, then the resumed run's state on top of the fresh one.
         self.step, self.best_val, self.best_bpc, self.elapsed_before = 0, math.inf, math.inf, 0.0
+        # A re-planned schedule's (step, lr) (see schedule.replan), and the "replan" event's data.
+        self.restart: tuple[int, float] | None = None
+        self.replanned: dict[str, Any] | None = None
         self.saved_config: dict[str, Any] = {
             **dataclasses.asdict(config),
             "init_from": None if init_from is None else str(init_from),
         }
         if restored is not None:
             self._load_state(restored.state)
+            self._replan(restored.saved)
         self.elapsed = self.elapsed_before
 
         # DDP wrapping and compilation: the forward the steps use.
@@ -239,6 +276,40 @@ class _Run:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.sampler.set_state(state["sampler_rng"])
         self.saved_config["init_from"] = state.get("train_config", {}).get("init_from")
+        if "lr_restart" in state:
+            start, lr = state["lr_restart"]
+            self.restart = (int(start), float(lr))
+
+    def _replan(self, saved: dict[str, Any]) -> None:
+        """A resumed run asked for another end: go on to it, the learning rate without a jump."""
+        config = self.config
+        old_total = schedule.total_steps(
+            saved.get("max_steps"),
+            saved.get("epochs"),
+            self.steps_per_epoch,
+            default=DEFAULT_MAX_STEPS,
+        )
+        if self.total == old_total:
+            return
+        if self.total <= self.step:
+            asked = (
+                f"--max-steps {config.max_steps}"
+                if config.max_steps is not None
+                else f"--epochs {config.epochs} ({self.total} steps)"
+            )
+            raise ConfigError(
+                f"the run in {self.run_dir} is at step {self.step}; {asked} does not go past it: "
+                f"ask for more than {self.step} steps to train it further"
+            )
+        self.restart = schedule.replan(
+            self.step,
+            old_total,
+            lr=config.lr,
+            warmup_steps=config.warmup_steps,
+            min_lr_ratio=config.min_lr_ratio,
+            restart=self.restart,
+        )
+        self.replanned = {"old_end": old_total, "new_end": self.total, "lr": self.restart[1]}
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Report an event (rank 0 only: one report, not one per rank)."""
@@ -250,6 +321,11 @@ class _Run:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.metrics_path, self.step)  # rows past the checkpoint are redone
+            self.tracker = tracking.open_tracker(
+                self.config.log, self.run_dir, resumed_at=self.step
+            )
+        if self.replanned is not None:
+            self.emit("replan", self.replanned)
         self.emit(
             "start",
             {
@@ -274,6 +350,7 @@ class _Run:
             lr=config.lr,
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
+            restart=self.restart,
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -323,9 +400,17 @@ class _Run:
         if is_best:
             self.best_val, self.best_bpc = result["val_loss"], result["val_bpc"]
         record.update(val_loss=result["val_loss"], val_bpc=result["val_bpc"])
-        append_metrics(self.metrics_path, record)
+        self.log(record)
+        if self.tracker is not None:
+            self.tracker.sample(self.step, result["sample"])
         self.emit("eval", {**record, **result, "best": is_best})
         self.save(is_best)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """A row of metrics.jsonl (and of the tracker's, when one is asked for)."""
+        append_metrics(self.metrics_path, record)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def evaluate(self) -> dict[str, Any]:
         """Validation loss (nats/token), bits per character, and a sample from the model."""
@@ -367,6 +452,8 @@ class _Run:
             "sampler_rng": self.sampler.get_state(),
             "train_config": self.saved_config,
         }
+        if self.restart is not None:
+            state["lr_restart"] = list(self.restart)
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         path = save_checkpoint(
@@ -380,6 +467,10 @@ class _Run:
         )
         self.emit("checkpoint", {"path": str(path), "best": is_best})
 
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
     def result(self) -> TrainResult:
         return TrainResult(
             self.run_dir,
@@ -392,99 +483,6 @@ class _Run:
             self.tokenizer,
             self.dist.rank,
         )
-
-
-def build_tokenizer(spec: str, files: list[Path], vocab_size: int) -> Tokenizer:
-    """``bpe`` (trained on the data), ``gpt2`` (tiktoken's), or a saved tokenizer's path."""
-    if spec == "bpe":
-        from gpt_core.bpe import train_bpe
-
-        # 20 MB of text is plenty to learn a few thousand merges and bounds the cost on big corpora.
-        return train_bpe([read_text(files, limit=20_000_000)], vocab_size, name=f"bpe-{vocab_size}")
-    if spec == "gpt2":
-        return Tokenizer.gpt2()
-    if Path(spec).exists():
-        return Tokenizer.load(spec)
-    raise ConfigError(
-        f"unknown tokenizer {spec!r}; use bpe, gpt2, or the path of a saved tokenizer"
-    )
-
-
-@torch.no_grad()
-def estimate_loss(
-    model: GPT,
-    dataset: CustomDataset,
-    max_windows: int,
-    batch_size: int,
-    token_chars: torch.Tensor,
-    precision: str,
-    device: torch.device,
-) -> tuple[float, int, int]:
-    """(summed cross-entropy in nats, tokens, characters) over fixed validation windows.
-
-    The same windows every time, so evaluations are comparable; characters are counted exactly
-    from the target tokens, so bits/char = nats / ln 2 / characters.
-    """
-    was_training = model.training
-    model.eval()
-    starts = dataset.eval_starts(max_windows)
-    nats, n_tokens, n_chars = 0.0, 0, 0
-    for i in range(0, len(starts), batch_size):
-        x, y = dataset.batch(starts[i : i + batch_size])
-        with schedule.autocast(precision, device):
-            logits = model(x.to(device)).logits
-        nats += F.cross_entropy(
-            logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"
-        ).item()
-        n_tokens += y.numel()
-        n_chars += int(token_chars[y].sum())
-    model.train(was_training)
-    return nats, n_tokens, n_chars
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint ``--resume`` continues from (a one-line error when there is none)."""
-    if not (run_dir / "last").exists():
-        raise CheckpointError(
-            f"nothing to resume in {run_dir} (no last/ checkpoint); "
-            "start a new run without --resume, or pass the run's --out"
-        )
-    return resolve_checkpoint(run_dir / "last")
-
-
-def _init_from(directory: Path) -> tuple[GPT, Tokenizer]:
-    """A gptkit checkpoint or run directory, or a local Hugging Face GPT-2 directory."""
-    try:
-        hf = "model_type" in json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        hf = False
-    if hf:
-        from gpt_core.hf import load_hf_gpt2
-
-        return load_hf_gpt2(directory)
-    return load_model(directory)
-
-
-class _StopOnSigint:
-    """The first Ctrl-C asks the loop to stop after this step; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopOnSigint:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 __all__ = [

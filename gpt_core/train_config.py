@@ -33,6 +33,8 @@ DEFAULT_MAX_STEPS = 600
 # Values of TrainConfig.device and TrainConfig.precision (gpt_core.schedule resolves "auto").
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Values of TrainConfig.log: where metrics go besides metrics.jsonl (gpt_core.tracking).
+TRACKERS = ("tensorboard",)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     threads: int | None = None  # torch CPU threads; None = PyTorch's default (one per core)
+    log: str | None = None  # also log to one of TRACKERS (metrics.jsonl is always written)
 
     def validate(self) -> None:
         """One-line ConfigErrors for wrong types and out-of-range values (from flags or JSON)."""
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
+        if self.log is not None and self.log not in TRACKERS:
+            raise ConfigError(f"unknown --log {self.log!r}; choose one of {', '.join(TRACKERS)}")
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -125,6 +130,10 @@ RESUME_FIXED = (
     "data tokenizer vocab_size batch_size grad_accum lr min_lr_ratio warmup_steps weight_decay "
     "beta1 beta2 grad_clip epochs max_steps val_fraction seed eval_interval eval_windows"
 ).split()
+# The RESUME_FIXED fields that set the run's length. Asking a resumed run for another length is
+# no conflict: it continues to the new end with its learning-rate schedule re-planned
+# (``gpt_core.schedule.replan``); an end at or before the run's current step is refused by train().
+RESUME_LENGTH = ("max_steps", "epochs")
 
 
 def check_resume(
@@ -133,14 +142,16 @@ def check_resume(
     saved_train: Mapping[str, Any],
     model_config: GPTConfig | None,
     config: TrainConfig,
-) -> None:
+) -> dict[str, Any]:
     """The resume rule: a resumed run keeps its shape and recipe; asking for another is an error.
 
     ``saved_model``/``saved_train`` are the run's saved fields. What the caller asks for is the
     whole of ``model_config`` when given (but vocab_size, which the tokenizer sets), and each
     RESUME_FIXED field of ``config`` whose value is not the TrainConfig default; a field left at
     its default takes the run's value. The first disagreement is a one-line ConfigError naming
-    the field, the run's value and the asked one.
+    the field, the run's value and the asked one. The length (RESUME_LENGTH) is the exception:
+    returns the RESUME_FIXED values the resumed run takes: the run's, except that a length that
+    differs from the run's is taken from ``config`` (both of its fields, as asked).
     """
     asked_model = {} if model_config is None else model_config.to_dict()
     asked_model.pop("vocab_size", None)
@@ -150,11 +161,16 @@ def check_resume(
         for name in RESUME_FIXED
         if getattr(config, name) != getattr(defaults, name)
     }
+    extends = any(saved_train.get(k) != v for k, v in asked_train.items() if k in RESUME_LENGTH)
     for saved, asked in ((saved_model, asked_model), (saved_train, asked_train)):
         for key, value in asked.items():
-            if key in saved and saved[key] != value:
+            if key in saved and saved[key] != value and key not in RESUME_LENGTH:
                 raise ConfigError(
                     f"the run in {run_dir} has {key} {saved[key]}, not {value}; --resume "
                     f"keeps the run's settings (drop the flag, or start a new run with "
                     f"--init-from {run_dir})"
                 )
+    kept = {k: saved_train[k] for k in RESUME_FIXED if k in saved_train}
+    if extends:
+        kept.update({k: getattr(config, k) for k in RESUME_LENGTH})
+    return kept

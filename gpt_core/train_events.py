@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class Event:
     """Something a progress display may want to show.
 
-    kind: "start" (params, device, tokens, vocab, steps_per_epoch, world_size), "step" (loss, lr,
+    kind: "replan" (old_end, new_end, lr: a resumed run goes on to another end; before "start"),
+    "start" (params, device, tokens, vocab, steps_per_epoch, world_size), "step" (loss, lr,
     grad_norm, tokens_per_s, epoch), "eval" (the step's fields plus val_loss, val_bpc, sample,
     best), "checkpoint" (path, best), "interrupted" (run_dir), "done" (plot: path or None).
     """

@@ -21,6 +21,7 @@ from gpt_core.train_config import (
     DEFAULT_PRESET,
     DEFAULT_RUN_DIR,
     PRECISIONS,
+    TRACKERS,
     TRAIN_DEVICES,
     TrainConfig,
 )
@@ -130,11 +131,24 @@ def _help(text: str, default: object) -> str:
     type=int,
     help=_help("Vocabulary size for --tokenizer bpe.", DEFAULTS["vocab_size"]),
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out exactly where it stopped (a larger --max-steps or --epochs "
+    "trains a finished run further).",
+)
 @click.option(
     "--init-from",
     type=click.Path(),
-    help="Start from a gptkit checkpoint or a local Hugging Face GPT-2 directory.",
+    help="Start from a gptkit checkpoint or a local Hugging Face GPT-2 directory (its shape; "
+    "--dropout may change).",
+)
+@click.option(
+    "--log",
+    "tracker",
+    type=click.Choice(TRACKERS),
+    help="Also log metrics and samples for TensorBoard, in --out (pip install "
+    "'gptkit[tensorboard]').",
 )
 def train_command(
     data: tuple[str, ...] = (),
@@ -161,6 +175,7 @@ def train_command(
     vocab_size: int | None = None,
     resume: bool = False,
     init_from: str | None = None,
+    tracker: str | None = None,
 ) -> None:
     """Train a GPT on your text (default: the bundled Tiny Shakespeare).
 
@@ -197,6 +212,7 @@ def train_command(
         "seed": seed,
         "tokenizer": tokenizer,
         "vocab_size": vocab_size,
+        "log": tracker,
     }
     model_overrides = {**file_model, **{k: v for k, v in cli_model.items() if v is not None}}
     train_overrides = {**file_train, **{k: v for k, v in cli_train.items() if v is not None}}
@@ -205,10 +221,10 @@ def train_command(
     config = TrainConfig(**train_overrides)
     config.validate()
     out = config.out_dir
-    # A resumed run's flags are checked against the run by the library; a new one is built on
-    # the preset. (init_from takes its shape from the checkpoint it starts from.)
-    run_to_resume = Path(out) if resume and init_from is None else None
-    model_config = _model_config(preset, model_overrides, run_to_resume)
+    # A resumed run's flags, and those of a run started from another model, are checked against
+    # that model by the library; a new run is built on the preset.
+    base = init_from if init_from is not None else (out if resume else None)
+    model_config = _model_config(preset, model_overrides, base, resume=init_from is None)
 
     display = _Display()
     try:
@@ -236,22 +252,25 @@ def train_command(
 
 
 def _model_config(
-    preset: str | None, overrides: dict[str, Any], resumed_run: Path | None
+    preset: str | None, overrides: dict[str, Any], base: str | None, *, resume: bool
 ) -> GPTConfig | None:
     """The model shape the flags ask for: the preset (``DEFAULT_PRESET`` when not given) with
-    single fields changed; for a resumed run without ``--preset``, the run's own shape with the
-    flags' fields changed, or ``None`` (the run's shape) when no shape flag was given.
+    single fields changed. For a run built on another model (``base``: the run to resume, or
+    the ``--init-from`` source) without ``--preset``, that model's shape with the flags' fields
+    changed, or ``None`` (that shape) when no shape flag was given.
 
-    ``train()`` refuses a shape that is not the run's, so ``--resume --n-embd 128`` names n_embd.
+    ``train()`` refuses a shape that is not the base's, so ``--resume --n-embd 128`` names n_embd.
     """
-    if resumed_run is None or preset is not None:
+    if base is None or preset is not None:
         return GPTConfig.preset(preset or DEFAULT_PRESET, **overrides)
     if not overrides:
         return None
     from gpt_core.checkpoint import read_config
-    from gpt_core.train import last_checkpoint
+    from gpt_core.train_setup import init_from_config, last_checkpoint
 
-    saved = read_config(last_checkpoint(resumed_run)).get("model", {})
+    if not resume:
+        return init_from_config(base).replace(**overrides)
+    saved = read_config(last_checkpoint(Path(base))).get("model", {})
     return GPTConfig.from_dict(saved).replace(**overrides)
 
 
@@ -312,6 +331,13 @@ class _Display:
                 loss=f"{d['loss']:.3f}", lr=f"{d['lr']:.2e}", tok_s=f"{d['tokens_per_s']:,.0f}"
             )
             self.bar.update(1)
+        elif event.kind == "replan":
+            d = event.data
+            self._write(
+                f"Continuing the run from step {event.step} to step {d['new_end']} (it was to end "
+                f"at {d['old_end']}): learning rate re-planned from {d['lr']:.2e} down to the "
+                "floor at the new end"
+            )
         elif event.kind == "eval":
             d = event.data
             best = " (best)" if d["best"] else ""

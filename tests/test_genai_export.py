@@ -98,7 +98,9 @@ def test_replaces_a_previous_export_and_refuses_other_folders(
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="not empty and is not a gptkit onnxruntime-genai export") as e:
+    with pytest.raises(
+        ExportError, match="not empty and is not a gptkit onnxruntime-genai export"
+    ) as e:
         export_genai(tiny_model, bpe_tokenizer, other)
     assert "\n" not in str(e.value)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -365,3 +365,43 @@ def test_sigint_during_training_then_resume(tmp_path, corpus, fast_config, gptki
     assert int(load_training_state(resolve_checkpoint(run / "last"))["step"]) == 60
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+@pytest.mark.slow
+def test_a_second_train_into_a_running_run_is_refused_and_sigkill_leaves_it_resumable(
+    tmp_path, corpus, fast_config, gptkit_train
+):
+    """Two `gptkit train --out same`: the second refuses at once with one line naming the first
+    (pid, host, start time) and writes nothing; after SIGKILL of the first, `--resume` goes on
+    straight away (the kernel dropped the lock with its holder)."""
+    run = tmp_path / "run"
+    proc = gptkit(
+        *("train", "--data", str(corpus), *TINY, "--max-steps", "400", "--eval-interval", "2"),
+        *("--config", str(fast_config), "--out", str(run), "--device", "cpu"),
+        cwd=tmp_path,
+        env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "last").exists():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        metrics = (run / "metrics.jsonl").read_text()
+        second = gptkit_train("--data", str(corpus), *TINY, "--out", str(run), "--max-steps", "2")
+        line = one_line_error(second, f"{run} is in use by another training run (pid {proc.pid} on")
+        assert "started " in line
+        assert (run / "metrics.jsonl").read_text().startswith(metrics)  # nothing of the second's
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stopped_at = int(load_training_state(resolve_checkpoint(run / "last"))["step"])
+    result = gptkit_train("--out", str(run), "--resume", "--max-steps", str(stopped_at + 3))
+    assert result.exit_code == 0, result.output
+    assert int(load_training_state(resolve_checkpoint(run / "last"))["step"]) == stopped_at + 3
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 3

@@ -172,8 +172,10 @@ def test_resume_refuses_settings_that_disagree_with_the_run(
     with pytest.raises(ConfigError, match=r"has lr 0.002, not 0.5; --resume keeps") as info:
         train(model_config, small(corpus, run, max_steps=2, lr=0.5), resume=True)
     assert "\n" not in str(info.value) and f"--init-from {run}" in str(info.value)
-    with pytest.raises(ConfigError, match="has max_steps 2, not 9"):
-        train(None, TrainConfig(out_dir=str(run), max_steps=9), resume=True)
+    with pytest.raises(ConfigError, match="is at step 2; --max-steps 1 does not go past it"):
+        train(None, TrainConfig(out_dir=str(run), max_steps=1), resume=True)
+    with pytest.raises(ConfigError, match=r"--epochs 0.01 \(1 steps\) does not go past it"):
+        train(None, TrainConfig(out_dir=str(run), epochs=0.01), resume=True)
     with pytest.raises(ConfigError, match="has n_embd 64, not 128"):
         train(model_config.replace(n_embd=128), small(corpus, run, max_steps=2), resume=True)
     with pytest.raises(ConfigError, match="has block_size 32, not 128"):  # a whole shape
@@ -214,12 +216,21 @@ def test_init_from_a_checkpoint_keeps_its_weights_and_tokenizer(
     corpus, tmp_path, model_config
 ) -> None:
     base = train(model_config, small(corpus, tmp_path / "base", max_steps=10))
+    with pytest.raises(ConfigError, match="has n_layer 2, not 1; a model started from") as info:
+        train(
+            model_config.replace(n_layer=1),
+            small(corpus, tmp_path / "tuned"),
+            init_from=tmp_path / "base",
+        )
+    assert "\n" not in str(info.value) and not (tmp_path / "tuned").exists()
     tuned = train(
-        model_config.replace(n_layer=1),  # ignored: the checkpoint decides the shape
+        model_config.replace(dropout=0.0),  # the shape must match; dropout may change
         small(corpus, tmp_path / "tuned", max_steps=1, lr=1e-12, vocab_size=400),
         init_from=tmp_path / "base",
     )
-    assert tuned.tokenizer == base.tokenizer and tuned.model.config == base.model.config
+    assert tuned.tokenizer == base.tokenizer
+    assert tuned.model.config == base.model.config.replace(dropout=0.0)
+    assert all(m.p == 0.0 for m in tuned.model.modules() if isinstance(m, torch.nn.Dropout))
     a, b = weights(base.model), weights(tuned.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     saved = json.loads((tmp_path / "tuned" / "last" / "config.json").read_text())

@@ -23,7 +23,7 @@ from gptkit.cli import cli
 DOCUMENTED_FLAGS = (
     "--data --out --preset --config --n-layer --n-head --n-embd --block-size --batch-size "
     "--grad-accum --lr --epochs --max-steps --eval-interval --precision --device --seed "
-    "--tokenizer --vocab-size --resume --init-from"
+    "--tokenizer --vocab-size --resume --init-from --log"
 ).split()
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--vocab-size", "300"]
 
@@ -180,7 +180,37 @@ def test_resume_refuses_a_different_shape(runner, corpus) -> None:
     assert runner.invoke(cli, args).exit_code == 0
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--n-embd", "128"])
     one_line_error(result, "the run in r has n_embd 64, not 128", "--init-from r")
-    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "9"])
-    one_line_error(result, "the run in r has max_steps 2, not 9")
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "2"])
+    assert result.exit_code == 0 and "re-planned" not in result.output  # the same end: done
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "1"])
+    one_line_error(result, "the run in r is at step 2; --max-steps 1 does not go past it")
     result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--block-size", "32"])
     assert result.exit_code == 0, result.output  # the same value is fine
+
+
+def test_resume_with_more_steps_continues_a_finished_run(runner, corpus) -> None:
+    args = ["train", "--data", str(corpus), "--out", "r", *TINY, "--max-steps", "4"]
+    assert runner.invoke(cli, [*args, "--eval-interval", "2"]).exit_code == 0
+    result = runner.invoke(cli, ["train", "--out", "r", "--resume", "--max-steps", "6"])
+    assert result.exit_code == 0, result.output
+    replan = [line for line in result.output.splitlines() if "re-planned" in line]
+    assert replan == [
+        "Continuing the run from step 4 to step 6 (it was to end at 4): learning rate "
+        "re-planned from 2.00e-04 down to the floor at the new end"
+    ]
+    assert "6 steps" in result.output.strip().splitlines()[-1]
+    steps = [json.loads(line)["step"] for line in open("r/metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_init_from_refuses_another_shape_but_takes_dropout(runner, corpus) -> None:
+    args = ["train", "--data", str(corpus), "--out", "base", *TINY, "--max-steps", "1"]
+    assert runner.invoke(cli, args).exit_code == 0
+    tune = ["train", "--data", str(corpus), "--out", "tuned", "--max-steps", "1"]
+    result = runner.invoke(cli, [*tune, "--init-from", "base", "--n-embd", "128"])
+    one_line_error(result, "--init-from base has n_embd 64, not 128", "drop --n-embd")
+    result = runner.invoke(cli, [*tune, "--init-from", "base", "--preset", "small-cpu"])
+    one_line_error(result, "--init-from base has n_layer 2, not 4")
+    result = runner.invoke(cli, [*tune, "--init-from", "base", "--dropout", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert load_model("tuned")[0].config.dropout == 0.2
