@@ -10,8 +10,9 @@ PyTorch or ONNX.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from runtime.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # pragma: no cover
     from export.onnx_export import ExportResult, export_onnx
@@ -28,9 +29,4 @@ _LAZY = {
     "verify_parity": "export.parity",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'export' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

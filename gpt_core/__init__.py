@@ -12,8 +12,9 @@ import without PyTorch, as the CLI's ``--help`` does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from runtime.lazy import lazy_attributes
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpt_core.checkpoint import load_model, save_model
@@ -43,9 +44,4 @@ _LAZY = {
     "save_model": "gpt_core.checkpoint",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpt_core' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -19,10 +19,10 @@ does to print errors) does not import onnxruntime.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from runtime.errors import GptkitError
+from runtime.lazy import lazy_attributes
 from runtime.version import VERSION as __version__
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,9 +50,4 @@ _LAZY = {
     "Tokenizer": "runtime.tokenizer",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
