@@ -138,17 +138,20 @@ def test_resume_rule_compares_only_what_was_asked_for() -> None:
     # fields outside RESUME_FIXED belong to the session
     check_resume(run, saved_model, saved_train, None, TrainConfig(device="cpu", threads=1))
     with pytest.raises(ConfigError) as info:
-        check_resume(run, saved_model, saved_train, None, TrainConfig(max_steps=9))
+        check_resume(run, saved_model, saved_train, None, TrainConfig(seed=6))
     assert str(info.value) == (
-        "the run in r has max_steps 2, not 9; --resume keeps the run's settings "
+        "the run in r has seed 5, not 6; --resume keeps the run's settings "
         "(drop the flag, or start a new run with --init-from r)"
     )
+    # a longer run is the one change a resume takes: it continues past its end
+    kept = check_resume(run, saved_model, saved_train, None, TrainConfig(max_steps=9))
+    assert kept["max_steps"] == 9 and kept["seed"] == 5
     with pytest.raises(ConfigError, match="has n_embd 64, not 128"):
         check_resume(run, saved_model, saved_train, same.replace(n_embd=128), TrainConfig())
 
 
 def test_train_config_fields_are_in_the_resume_rule_or_the_session() -> None:
     session = {"out_dir", "log_interval", "sample_tokens", "sample_prompt", "precision", "device"}
-    session |= {"compile", "threads"}
+    session |= {"compile", "threads", "log"}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(RESUME_FIXED) | session == fields and not set(RESUME_FIXED) & session

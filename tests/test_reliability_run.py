@@ -158,8 +158,8 @@ def test_model_path_is_a_directory(run, runner: CliRunner, tmp_path: Path):
     """`gptkit run -m DIR` is a usage error (exit 2); `gptkit inspect DIR` and the API say why."""
     result = run("-m", str(tmp_path), "-p", "x")
     one_line_error(result, "is a directory", code=2)
-    result = runner.invoke(cli, ["inspect", str(tmp_path)])
-    one_line_error(result, "is not a file")
+    result = runner.invoke(cli, ["inspect", str(tmp_path)])  # inspect reads directory exports
+    one_line_error(result, "is a directory with neither config.json")
     with pytest.raises(ModelFileError, match="is not a file"):
         runtime.load(tmp_path)
 
