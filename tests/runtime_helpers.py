@@ -15,8 +15,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 from runtime.onnx_contract import ATTENTION_MASK, INPUT_IDS, PAST_PREFIX, POSITION_IDS, past_for
+from runtime.tokenizer import ENDOFTEXT
+
+# Text that stresses a tokenizer: any valid UTF-8 (lone surrogates are not), emoji, CJK, runs of
+# whitespace, a contraction and the end-of-text marker as plain text.
+TOKENIZER_TEXT = st.lists(
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",))),
+        st.sampled_from(["😀", "世界", " the", "\n\n", "  ", "'ll", ENDOFTEXT]),
+    ),
+    max_size=10,
+).map("".join)
 
 ENV_MODEL = "GPTKIT_TEST_MODEL"
 TORCH_SEED = 1234

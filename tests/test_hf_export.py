@@ -15,8 +15,8 @@ import pytest
 import torch
 import transformers
 from hypothesis import given
-from hypothesis import strategies as st
 from reliability_helpers import one_line_error, one_line_message
+from runtime_helpers import TOKENIZER_TEXT as TEXT
 
 from export.hf_export import TOLERANCE, export_hf
 from gpt_core.bpe import train_bpe
@@ -29,13 +29,6 @@ from runtime.errors import ExportError, ParityError
 from runtime.tokenizer import ENDOFTEXT, GPT2_PATTERN
 
 SEED = 1234
-CHARS = st.characters(blacklist_categories=("Cs",))  # lone surrogates are not UTF-8
-TEXT = st.lists(
-    st.one_of(
-        st.text(CHARS), st.sampled_from(["😀", "世界", " the", "\n\n", "  ", "'ll", ENDOFTEXT])
-    ),
-    max_size=10,
-).map("".join)
 
 
 def random_model(**overrides) -> GPT:

@@ -16,20 +16,12 @@ import tokenizers
 import torch
 import transformers
 from hypothesis import given
-from hypothesis import strategies as st
 from reliability_helpers import one_line_message
+from runtime_helpers import TOKENIZER_TEXT as TEXT
 
 from gpt_core.hf import load_hf_gpt2
 from runtime.errors import CheckpointError
 from runtime.tokenizer import ENDOFTEXT
-
-CHARS = st.characters(blacklist_categories=("Cs",))  # lone surrogates are not UTF-8
-TEXT = st.lists(
-    st.one_of(
-        st.text(CHARS), st.sampled_from(["😀", "世界", " the", "\n\n", "  ", "'ll", ENDOFTEXT])
-    ),
-    max_size=10,
-).map("".join)
 
 
 def build_checkpoint(directory: Path, text: str, *, eot_first: bool) -> None:
