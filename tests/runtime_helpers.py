@@ -42,7 +42,7 @@ class Exported:
     )
 
 
-def export_tiny(directory: Path, *, dtype: str = "fp32") -> Exported:
+def export_tiny(directory: Path, *, dtype: str = "fp32", kv_cache: str = "concat") -> Exported:
     """Export a seeded ``tiny`` GPT with a 512-id BPE trained on a little Shakespeare."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
@@ -58,8 +58,8 @@ def export_tiny(directory: Path, *, dtype: str = "fp32") -> Exported:
     tokenizer = train_bpe([text], 512, name="test-bpe")
     torch.manual_seed(TORCH_SEED)
     model = GPT(GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)).eval()
-    path = directory / f"tiny-{dtype}.onnx"
-    export_onnx(model, tokenizer, path, options=ExportOptions(dtype=dtype))
+    path = directory / f"tiny-{dtype}-{kv_cache}.onnx"
+    export_onnx(model, tokenizer, path, options=ExportOptions(dtype=dtype, kv_cache=kv_cache))
     return Exported(path=path, torch_model=model)
 
 
