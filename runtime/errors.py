@@ -52,6 +52,28 @@ class GenerationError(GptkitError, ValueError):
     """A generation request that cannot be served (for example, past the context limit)."""
 
 
+class ContextLengthError(GenerationError):
+    """A prompt plus the tokens asked for do not fit the model's context; the numbers are kept."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens + max_tokens {max_new_tokens} = "
+            f"{prompt_tokens + max_new_tokens}, over the model's context of {context} tokens; "
+            "shorten the prompt or lower max_tokens"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context = context
+
+
+class QueueFullError(GptkitError):
+    """The engine already holds as many waiting requests as it may; retry later."""
+
+
+class EngineClosedError(GptkitError):
+    """The engine is shutting down and takes no new requests."""
+
+
 class MissingDependencyError(GptkitError, ImportError):
     """An optional dependency is not installed; the message names the install command."""
 

@@ -120,8 +120,14 @@ class GenerationLoop:
             for b, row in enumerate(self.tokens):
                 if self.done[b]:
                     continue
+                generated = row[self.prompt_lengths[b] :] if cfg.penalises_generated else ()
                 token = choose_token(
-                    logits[b], cfg, self._rngs[b], n_vocab=self._n_vocab, context=row
+                    logits[b],
+                    cfg,
+                    self._rngs[b],
+                    n_vocab=self._n_vocab,
+                    context=row,
+                    generated=generated,
                 )
                 logprob = None
                 if self._logprobs:

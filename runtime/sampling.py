@@ -5,8 +5,11 @@ truncation warpers; llama.cpp applies temperature last instead):
 
 1. ids the tokenizer cannot decode are masked (a model vocabulary padded past the tokenizer's never yields an id that cannot be decoded),
    NaN logits count as -inf, and +inf logits share all the probability among themselves;
+   ``logit_bias`` is added (OpenAI's field: -100 bans an id, +100 all but forces it);
 2. repetition penalty: logits of tokens already in the row (prompt and generated) are divided by
    the penalty when positive and multiplied by it when negative (CTRL, Keskar et al. 2019);
+   then OpenAI's frequency and presence penalties over the generated tokens only (as vLLM):
+   ``logit - frequency_penalty * count - presence_penalty * (count > 0)``;
 3. temperature: logits / temperature; temperature 0 means greedy (argmax), as in llama.cpp, and
    skips steps 4-7;
 4. top-k: keep the k most likely tokens (ties with the k-th are kept);
@@ -21,7 +24,7 @@ and is never one that a step above removed (tests/test_sampling.py checks this w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -50,6 +53,10 @@ class SamplingConfig:
     seed: int | None = None  # None = fresh randomness; an int makes the output reproducible
     stop: tuple[str, ...] = ()  # stop when any of these strings appears (it is not returned)
     stop_at_eot: bool = True  # stop at <|endoftext|>
+    presence_penalty: float = 0.0  # OpenAI's: -2..2, subtracted once from every generated id
+    frequency_penalty: float = 0.0  # OpenAI's: -2..2, subtracted per occurrence of a generated id
+    # OpenAI's logit_bias as (token id, bias) pairs, bias in [-100, 100]; a dict is accepted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -83,6 +90,27 @@ class SamplingConfig:
             raise ConfigError("stop strings must be non-empty strings")
         if not isinstance(self.stop_at_eot, bool):
             raise ConfigError(f"stop_at_eot must be True or False, got {self.stop_at_eot!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2 <= value <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2], got {value}")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
+    @property
+    def penalises_generated(self) -> bool:
+        """Whether choosing a token needs the row's generated ids (OpenAI's two penalties)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor that could change the argmax: the fast path."""
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and not self.penalises_generated
+            and not self.logit_bias
+        )
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +134,9 @@ class SamplingOptions(TypedDict, total=False):
     seed: int | None
     stop: str | list[str] | tuple[str, ...] | set[str] | frozenset[str] | None
     stop_at_eot: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...]
 
 
 def process_logits(
@@ -114,11 +145,18 @@ def process_logits(
     *,
     n_vocab: int,
     context: Sequence[int] = (),
+    generated: Sequence[int] = (),
 ) -> np.ndarray:
-    """Steps 1-6 above on one row of logits; returns float64 scores with -inf for removed ids."""
+    """Steps 1-6 above on one row of logits; returns float64 scores with -inf for removed ids.
+
+    ``context`` is the row so far (prompt and generated ids), ``generated`` its generated part.
+    """
     scores = np.array(logits, dtype=np.float64).reshape(-1)
     scores[n_vocab:] = -np.inf
     scores[np.isnan(scores)] = -np.inf
+    for token, bias in config.logit_bias:
+        if token < n_vocab:
+            scores[token] += bias
     if config.repetition_penalty != 1.0 and len(context):
         seen = np.unique(np.asarray(context, dtype=np.int64))
         seen = seen[(seen >= 0) & (seen < n_vocab)]
@@ -126,6 +164,11 @@ def process_logits(
         scores[seen] = np.where(
             values > 0, values / config.repetition_penalty, values * config.repetition_penalty
         )
+    if config.penalises_generated and len(generated):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        keep = (ids >= 0) & (ids < n_vocab)
+        ids, counts = ids[keep], counts[keep]
+        scores[ids] -= config.frequency_penalty * counts + config.presence_penalty
     if config.greedy:
         return _collapse_posinf(scores)
     with np.errstate(over="ignore"):  # a tiny temperature may overflow to inf: handled next
@@ -162,18 +205,19 @@ def choose_token(
     *,
     n_vocab: int,
     context: Sequence[int] = (),
+    generated: Sequence[int] = (),
 ) -> int:
     """The next token id: always in [0, n_vocab), even for logits that are all -inf or NaN.
 
     Draws exactly one uniform number per sampled token (none when greedy), so a seeded generator
     gives the same tokens whatever else runs in the process.
     """
-    if config.greedy and config.repetition_penalty == 1.0:
+    if config.plain_greedy:
         valid = np.asarray(logits).reshape(-1)[:n_vocab]
         token = int(np.argmax(valid))  # NB: argmax returns the first NaN if there is one
         if valid.size and np.isfinite(valid[token]):  # so: no NaN, no +inf; nothing to process
             return token
-    scores = process_logits(logits, config, n_vocab=n_vocab, context=context)
+    scores = process_logits(logits, config, n_vocab=n_vocab, context=context, generated=generated)
     if not np.isfinite(scores).any():
         # Nothing survived (every valid logit -inf or NaN): the best raw valid id, else 0.
         raw = np.asarray(logits, dtype=np.float64).reshape(-1)[:n_vocab]
@@ -210,6 +254,24 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     exp = np.exp(scores - peak)
     probs: np.ndarray = exp / exp.sum()  # numpy types this division as Any
     return probs
+
+
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (id, bias) pairs, from pairs or a {id: bias} mapping."""
+    items = value.items() if isinstance(value, dict) else value
+    if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+        raise ConfigError(f"logit_bias must map token ids to biases, got {value!r}")
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ConfigError(f"logit_bias must map token ids to biases, got {value!r}")
+        token, bias = item
+        _check_int("a logit_bias token id", token, minimum=0)
+        _check_number("a logit_bias value", bias)
+        if not -100 <= bias <= 100:
+            raise ConfigError(f"logit_bias values must be in [-100, 100], got {bias}")
+        pairs[int(token)] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

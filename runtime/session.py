@@ -211,23 +211,42 @@ class OnnxSession:
         capacity = min(capacity or m.block_size, m.block_size)
         shape = (batch, m.n_head, capacity, m.head_dim)
         # Zeroed pages are mapped lazily, so untouched capacity costs no memory.
-        binding = self.session.io_binding()
         if self.device == "cuda":  # the buffers live on the GPU; ``values`` are those OrtValues
             ort_values = tuple(
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
                 for _ in self.past_names
             )
-            buffers = ort_values
-        else:  # numpy buffers ONNX Runtime writes into (readable between steps)
-            buffers = tuple(np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names)
-            ort_values = tuple(ort.OrtValue.ortvalue_from_numpy(b) for b in buffers)
+            return self._bind(ort_values, ort_values, 0)
+        return self.bind_buffers(
+            tuple(np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names)
+        )
+
+    def bind_buffers(self, buffers: tuple[np.ndarray, ...], length: int = 0) -> KVCache:
+        """An in-place cache over caller-owned CPU buffers [B, n_head, capacity, head_dim].
+
+        ONNX Runtime reads and writes the numpy memory itself (a contiguous view of a larger
+        buffer works too), so a caller can lay several requests out in one buffer and move
+        their columns between steps; ``runtime.engine`` does.
+        """
+        if not self.inplace or self.device != "cpu":
+            raise ConfigError("bind_buffers needs a --kv-cache inplace export on the CPU")
+        for buffer in buffers:
+            if not buffer.flags.c_contiguous or buffer.dtype != self.kv_dtype:
+                raise ValueError("KV buffers must be C-contiguous arrays of the cache's dtype")
+        ort_values = tuple(ort.OrtValue.ortvalue_from_numpy(b) for b in buffers)
+        return self._bind(buffers, ort_values, length)
+
+    def _bind(self, buffers: tuple[Any, ...], ort_values: tuple[Any, ...], length: int) -> KVCache:
+        binding = self.session.io_binding()
         for past, present, value in zip(
             self.past_names, self.present_names, ort_values, strict=True
         ):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
-        step = DecodeBuffers(batch, m.vocab_size)
-        return KVCache(buffers, 0, binding, ort_values, capacity, step)
+        shape = ort_values[0].shape()
+        batch, capacity = shape[0], shape[2]
+        step = DecodeBuffers(batch, self.metadata.vocab_size)
+        return KVCache(buffers, length, binding, ort_values, capacity, step)
 
     def run(
         self,
