@@ -15,6 +15,7 @@ from gptkit import __version__
 from gptkit.export_cmd import export_command
 from gptkit.inspect_cmd import inspect_command
 from gptkit.run_cmd import run_command
+from gptkit.serve_cmd import serve_command
 from gptkit.train_cmd import train_command
 from runtime.errors import GptkitError
 from runtime.files import DEFAULT_MODEL
@@ -59,6 +60,7 @@ cli.add_command(train_command, "train")
 cli.add_command(export_command, "export")
 cli.add_command(run_command, "run")
 cli.add_command(inspect_command, "inspect")
+cli.add_command(serve_command, "serve")
 
 
 def main() -> None:
