@@ -491,6 +491,7 @@ class _SharedBuffer:
         self.buffers = tuple(np.zeros(shape, dtype=session.kv_dtype) for _ in session.past_names)
         self.valid = np.zeros((slots, self.capacity), dtype=np.int64)  # a slot's own columns
         self.column = 0  # the column the next decode step writes, for every row
+        self.compactions = 0
         self.span: dict[int, tuple[int, int]] = {}  # a prefilling slot's prompt: (start, length)
         self._views: dict[tuple[int, int], KVCache] = {}
 
@@ -551,6 +552,7 @@ class _SharedBuffer:
 
     def _compact(self) -> None:
         """Move every slot's columns to the left, right-aligned at the longest; drop holes."""
+        self.compactions += 1
         spans: dict[int, np.ndarray] = {}
         for slot in range(self.valid.shape[0]):
             if slot in self.span:  # a prompt being written keeps its whole reserved span

@@ -225,3 +225,37 @@ def test_truncation_warpers_never_pick_a_token_they_remove(logits, top_k, top_p,
     assert token in nucleus
     # min-p: at least min_p times the most likely id's probability
     assert probs[token] >= min_p * probs.max() - 1e-12
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    logits = np.array([5.0, 4.5, 0.0])
+    frequency = SamplingConfig(temperature=0, frequency_penalty=0.3)
+    # 0 was generated twice: 5 - 2 * 0.3 = 4.4 < 4.5; in the prompt only, it is not penalised
+    assert choose_token(logits, frequency, None, n_vocab=3, generated=[0, 0]) == 1
+    assert choose_token(logits, frequency, None, n_vocab=3, context=[0, 0]) == 0
+    presence = SamplingConfig(temperature=0, presence_penalty=0.4)  # once, however many times
+    assert choose_token(logits, presence, None, n_vocab=3, generated=[0, 0, 0]) == 0
+    assert (
+        choose_token(
+            logits,
+            SamplingConfig(temperature=0, presence_penalty=0.6),
+            None,
+            n_vocab=3,
+            generated=[0],
+        )
+        == 1
+    )
+
+
+def test_logit_bias_is_added_first_and_checked():
+    logits = np.array([5.0, 4.5, 0.0])
+    config = SamplingConfig(temperature=0, logit_bias={2: 100})
+    assert config.logit_bias == ((2, 100.0),)
+    assert choose_token(logits, config, None, n_vocab=3) == 2
+    banned = SamplingConfig(temperature=0, logit_bias=[(0, -100)])
+    assert choose_token(logits, banned, None, n_vocab=3) == 1
+    for bad, message in (({0: 101}, "-100, 100"), ({-1: 1}, "id"), ("x", "logit_bias")):
+        with pytest.raises(ConfigError, match=message):
+            SamplingConfig(logit_bias=bad)
+    with pytest.raises(ConfigError, match="presence_penalty"):
+        SamplingConfig(presence_penalty=3)
