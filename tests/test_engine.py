@@ -12,8 +12,8 @@ import random
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
+from runtime_helpers import export_tiny
 
 import runtime
 from runtime.engine import Engine, Event
@@ -25,7 +25,6 @@ from runtime.errors import (
     QueueFullError,
 )
 from runtime.sampling import SamplingConfig
-from runtime_helpers import export_tiny
 
 KV_CACHES = ("inplace", "concat")
 
