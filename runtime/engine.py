@@ -21,8 +21,9 @@ Two cache layouts, chosen by the file (``runtime.onnx_contract``):
   the slots share a timeline: the next step writes column ``column`` for every running row, a
   joining prompt is written into the columns just before it, and the attention mask hides
   whatever a slot does not own (older requests' leftovers, columns skipped while it prefilled).
-  When the timeline reaches the buffer's end, every slot's columns are moved to the left
-  (``compact``), a copy of the live cache that happens about once per ``block_size`` steps.
+  When the timeline reaches the buffer's end, or holes make up most of it (attention reads
+  every column up to the current one), every slot's columns are moved to the left
+  (``compact``): a copy of the live cache, about once per live length of steps.
   A decode step binds the slots [0, hi) below the highest running one; free or prefilling
   slots in that range run a masked dummy token.
 * default (concat) exports: the running rows' caches are stacked into [B, n_head, P, head_dim]
@@ -67,6 +68,8 @@ log = logging.getLogger("gptkit.engine")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
 MAX_TOP_LOGPROBS = 20
+# Dead columns the shared timeline may carry before it is compacted early (see _SharedBuffer).
+HOLE_SLACK = 64
 FINISH_REASONS = ("length", "stop", "eot", "cancelled", "error")
 
 
@@ -525,7 +528,11 @@ class _SharedBuffer:
         return chunk
 
     def decode(self, rows: list[_Active]) -> np.ndarray:
-        if self.column + 1 > self.capacity:
+        # Attention runs over every column up to `column`, holes included: compact when the
+        # buffer is full, or when holes are most of the timeline (a copy of the live columns,
+        # about once per live length of steps, against attention over dead columns every step).
+        live = max(int(self.valid.sum(axis=1).max()), *(n for _, n in self.span.values()), 0)
+        if self.column + 1 > self.capacity or self.column > 2 * live + HOLE_SLACK:
             self._compact()
         column = self.column
         hi = max(a.slot for a in rows) + 1
