@@ -2,7 +2,7 @@
 # Proof that the runtime needs no PyTorch: build a clean virtual environment with only
 # `pip install .` (numpy, onnxruntime, tiktoken, click) plus the two test tools, check that torch
 # is absent, then run `gptkit run` and the runtime tests against a model exported earlier in the
-# same CI run.
+# same CI run; then add the serve extra (still no torch) and ask `gptkit serve` for a completion.
 #
 #   scripts/ci_runtime_only.sh path/to/model.onnx [venv-dir]
 #
@@ -57,3 +57,24 @@ GPTKIT_TEST_MODEL="$model" GPTKIT_REQUIRE_MODEL=1 "$venv/bin/python" -m pytest -
     "$root/tests/test_sampling.py" "$root/tests/test_runtime.py" "$root/tests/test_run_cli.py" \
     "$root/tests/test_graph_cache.py" "$root/tests/test_prefill_chunks.py" \
     "$root/tests/test_doctests.py"
+
+step "pip install '.[serve]' (still no torch), then gptkit serve answers a completion"
+"$venv/bin/pip" install --quiet "$root[serve]"
+"$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    || { echo "FAIL: the serve extra pulled in torch" >&2; exit 1; }
+port=$("$venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$venv/bin/gptkit" serve "$model" --port "$port" >serve.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 $server 2>/dev/null || { cat serve.log >&2; echo "FAIL: gptkit serve exited" >&2; exit 1; }
+    sleep 0.5
+done
+curl -sf "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}' | tee completion.json
+"$venv/bin/python" -c "import json; r = json.load(open('completion.json')); assert r['usage']['completion_tokens'] >= 1, r"
+kill -TERM $server
+wait $server || { cat serve.log >&2; echo "FAIL: gptkit serve did not exit 0 on SIGTERM" >&2; exit 1; }
+trap - EXIT
+echo "gptkit serve: ok (torch-free)" >&2
