@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from serve_helpers import LiveServer, live_server, metric, serve_model, sse_data, sse_json
 
@@ -394,3 +401,84 @@ def test_unexpected_errors_are_500_without_details(model_path: Path) -> None:
         error = envelope(response)
         assert "secret" not in response.text and "Traceback" not in response.text
         assert error["type"] == "server_error"
+
+
+class _Slow:
+    """An engine whose every event takes 20 ms on the engine thread (a long generation), and
+    which keeps its requests so a test can see how they ended."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.requests: list[object] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def submit(self, prompt_ids, config, *, on_event=None, **kwargs):  # type: ignore[no-untyped-def]
+        def slow(event) -> None:  # type: ignore[no-untyped-def]
+            time.sleep(0.02)
+            on_event(event)
+
+        request = self._engine.submit(prompt_ids, config, on_event=slow, **kwargs)
+        self.requests.append(request)
+        return request
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_cancels_its_request(model_path: Path, stream: bool) -> None:
+    slow = _Slow(Engine.load(model_path, threads=1))
+    app = create_app(slow, ServerOptions(model_name=NAME))  # type: ignore[arg-type]
+    payload = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 50, "stream": stream}
+    with live_server(app) as server:
+        with server.client(timeout=httpx.Timeout(60, read=0.5)) as c:
+            if stream:
+                with c.stream("POST", "/v1/completions", json=payload) as response:
+                    assert response.status_code == 200
+                    next(line for line in response.iter_lines() if line.startswith("data: "))
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post("/v1/completions", json=payload)
+        (request,) = slow.requests
+        request.result(timeout=30)  # type: ignore[attr-defined]
+        assert request.finish_reason == "cancelled"  # type: ignore[attr-defined]
+        assert len(request.token_ids) < 50  # type: ignore[attr-defined]
+        from serve_helpers import wait_idle
+
+        wait_idle(server)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_and_exits_0(model_path: Path, tmp_path: Path) -> None:
+    """`gptkit serve` as a process: SIGTERM lets a running stream finish, then exits 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "gptkit", "serve", str(model_path), "--port", str(port)]
+    command += ["--model-name", NAME, "--threads", "1", "--drain-timeout", "20"]
+    env = {**os.environ, "GPTKIT_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "no server"
+            time.sleep(0.1)
+        payload = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 50, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert [line for line in rest if line.startswith("data: ")][-1] == "data: [DONE]"
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert "Traceback" not in output
