@@ -482,3 +482,20 @@ def test_sigterm_drains_and_exits_0(model_path: Path, tmp_path: Path) -> None:
             process.wait()
     output = process.stdout.read().decode() if process.stdout else ""
     assert "Traceback" not in output
+
+
+def test_serve_help_imports_no_server_stack() -> None:
+    """`gptkit serve --help` answers without fastapi, uvicorn or onnxruntime (fresh process)."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from gptkit.cli import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['serve', '--help'], prog_name='gptkit', standalone_mode=False)\n"
+        "heavy = ('fastapi', 'uvicorn', 'sse_starlette', 'prometheus_client', 'onnxruntime')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
