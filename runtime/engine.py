@@ -531,8 +531,8 @@ class _SharedBuffer:
         # Attention runs over every column up to `column`, holes included: compact when the
         # buffer is full, or when holes are most of the timeline (a copy of the live columns,
         # about once per live length of steps, against attention over dead columns every step).
-        live = max(int(self.valid.sum(axis=1).max()), *(n for _, n in self.span.values()), 0)
-        if self.column + 1 > self.capacity or self.column > 2 * live + HOLE_SLACK:
+        longest = max(int(self.valid.sum(axis=1).max()), *(n for _, n in self.span.values()), 0)
+        if self.column + 1 > self.capacity or self.column > 2 * longest + HOLE_SLACK:
             self._compact()
         column = self.column
         hi = max(a.slot for a in rows) + 1
