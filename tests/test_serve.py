@@ -247,6 +247,16 @@ def test_unknown_model_is_404(client) -> None:  # type: ignore[no-untyped-def]
         assert envelope(response)["code"] == "model_not_found"
 
 
+def test_model_may_be_left_out(client) -> None:  # type: ignore[no-untyped-def]
+    """As with llama.cpp's server and vLLM: curl users need not know the served name."""
+    payload = {"prompt": "ROMEO:", "max_tokens": 3, "temperature": 0}
+    named = client.post("/v1/completions", json={"model": NAME, **payload}).json()
+    unnamed = client.post("/v1/completions", json=payload)
+    assert unnamed.status_code == 200
+    assert unnamed.json()["choices"][0]["text"] == named["choices"][0]["text"]
+    assert unnamed.json()["model"] == NAME
+
+
 def test_unknown_route_and_method(client) -> None:  # type: ignore[no-untyped-def]
     missing = client.get("/v2/nothing")
     assert missing.status_code == 404

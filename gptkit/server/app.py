@@ -578,8 +578,8 @@ def _too_large(limit: int) -> APIError:
     )
 
 
-def _check_model(options: ServerOptions, name: str) -> None:
-    if name != options.model_name:
+def _check_model(options: ServerOptions, name: str | None) -> None:
+    if name is not None and name != options.model_name:
         raise APIError(
             404,
             f"The model '{name}' does not exist; this server serves '{options.model_name}'",

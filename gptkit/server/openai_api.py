@@ -49,7 +49,9 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """The sampling fields both endpoints share."""
 
-    model: StrictStr
+    # Optional, as in llama.cpp's server and vLLM: one server serves one model. A name that is
+    # given must be that model's.
+    model: StrictStr | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
