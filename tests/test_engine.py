@@ -222,3 +222,18 @@ def test_penalties_and_logit_bias_act_on_the_engine(path: Path) -> None:
     # The engine hands the sampler the generated tokens as Model.generate_tokens does.
     assert got == [[t.id for t in model.generate_tokens(ids, c)] for c in (plain, penalised)]
     assert len(set(got[1])) >= len(set(got[0]))
+
+
+def test_readme_engine_example_runs(
+    exports: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import re
+    import shutil
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), flags=re.S)
+    (source,) = [b for b in blocks if "Engine.load" in b]
+    shutil.copy(exports["inplace"], tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, f"{readme}:engine", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.strip().splitlines()[-1] in ("length", "eot", "stop")
