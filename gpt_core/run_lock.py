@@ -7,7 +7,9 @@ time into the file, and a second writer is refused in one line that names them. 
 removed when the run ends (and a run directory the lock itself created, if it is still empty).
 
 Where ``fcntl`` does not exist (Windows) runs are not locked, and nothing is said about it.
-Under torchrun only rank 0 writes, so only rank 0 locks (``gpt_core.train`` does that).
+Under torchrun only global rank 0 writes, so only it locks (``gpt_core.train`` does that); on
+several machines the run directory is then locked on rank 0's machine, or on the shared storage
+(flock works on NFSv4 and the common cluster file systems).
 
 Also here, the other guard around a run's process: :class:`StopOnSigint` (Ctrl-C stops cleanly).
 """
@@ -121,12 +123,27 @@ def _read_holder(fd: int) -> str:
         return "a process that is just starting"
 
 
-class StopOnSigint:
-    """The first Ctrl-C asks the loop to stop after this step; a second one stops at once."""
+# Under torchrun a Ctrl-C in the terminal reaches each worker twice: straight from the terminal
+# (the worker is in its process group) and again from the launcher, which passes every SIGINT it
+# gets on to its workers. A SIGINT that soon after the first is taken as that same Ctrl-C.
+TORCHRUN_RELAY_WINDOW_S = 2.0
 
-    def __init__(self) -> None:
+
+class StopOnSigint:
+    """The first Ctrl-C asks the loop to stop after this step; a second one stops at once.
+
+    Under torchrun (``TORCHELASTIC_RUN_ID`` set) a SIGINT within ``relay_window`` seconds of the
+    first is not a second Ctrl-C but torchrun's relay of the first one (see above).
+    """
+
+    def __init__(self, relay_window: float | None = None) -> None:
         self.requested = False
         self._previous: Any = None
+        if relay_window is None:
+            under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+            relay_window = TORCHRUN_RELAY_WINDOW_S if under_torchrun else 0.0
+        self.relay_window = relay_window
+        self._first = 0.0
 
     def __enter__(self) -> StopOnSigint:
         if threading.current_thread() is threading.main_thread():
@@ -134,9 +151,12 @@ class StopOnSigint:
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.requested:
+            if now - self._first < self.relay_window:
+                return  # the same Ctrl-C, relayed by torchrun
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, now
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:

@@ -43,8 +43,7 @@ def set_threads(threads: int | None, dist: Distributed) -> None:
     Left alone, every rank would start one thread per core and oversubscribe the machine.
     """
     if threads is None and dist.enabled and not torch.cuda.is_available():
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        threads = max(1, (os.cpu_count() or 1) // local_world)
+        threads = max(1, (os.cpu_count() or 1) // dist.local_world_size)  # ranks on this machine
     if threads is not None:
         torch.set_num_threads(threads)
 

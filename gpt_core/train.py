@@ -10,8 +10,9 @@ stops at once (the previous checkpoint stays loadable). A resume that asks for a
 on past the run's planned end, its learning rate re-planned without a jump. One process writes a
 run directory at a time (``gpt_core.run_lock``).
 
-Runs under ``torchrun`` too (see ``gpt_core.distributed``): rank 0 alone evaluates, writes and
-reports; each rank takes its share of every micro-batch; gradients synchronise on the last one.
+Runs under ``torchrun`` too (see ``gpt_core.distributed``), on one machine or several: global
+rank 0 alone reads the run to resume, evaluates, writes and reports; each rank takes its share of
+every micro-batch; gradients synchronise on the last one; a Ctrl-C on any rank stops them all.
 
 Read it top to bottom: :func:`train` is the whole loop; :class:`_Run` holds one session's state
 and does each part of it, in order: setup (device, tokenizer and model, data, optimizer, the
@@ -111,7 +112,7 @@ def train(
         _lock(lock, dist)
         restored = None
         if resume:  # the run's recipe replaces the defaults (checked and validated when it began)
-            config, restored = _restore(model_config, config)
+            config, restored = _restore(model_config, config, dist)
         run = _Run(model_config, config, dist, callback, restored, init_from)
         try:
             _loop(run)
@@ -144,7 +145,8 @@ def _loop(run: _Run) -> None:
     with StopOnSigint() as stop:
         while run.step < run.total:
             record = run.optimizer_step()
-            stopping = dist.broadcast_flag(stop.requested)
+            # Any rank's Ctrl-C stops every rank after this step (the signal may reach one node).
+            stopping = dist.any_flag(stop.requested)
             # Evaluate and checkpoint every eval_interval steps, at each epoch's end, at the
             # last step and on Ctrl-C; in between, a metrics row every log_interval steps.
             step = run.step
@@ -169,15 +171,44 @@ class _Restored:
     saved: dict[str, Any]  # the run's train_config as it was saved
 
 
-def _restore(model_config: GPTConfig | None, config: TrainConfig) -> tuple[TrainConfig, _Restored]:
-    """Load the run to resume, refuse conflicting requests, and take its RESUME_FIXED fields."""
+def _restore(
+    model_config: GPTConfig | None, config: TrainConfig, dist: Distributed
+) -> tuple[TrainConfig, _Restored]:
+    """Load the run to resume, refuse conflicting requests, and take its RESUME_FIXED fields.
+
+    Under torchrun rank 0 alone reads the checkpoint (the run directory may be on its machine
+    only) and hands the rest what they need: the shape, tokenizer and training state; their
+    weights come from rank 0 when DDP wraps the model (it broadcasts rank 0's state_dict).
+    """
     run_dir = Path(config.out_dir)
-    checkpoint = last_checkpoint(run_dir)
-    state = load_training_state(checkpoint)
-    model, tokenizer = load_model(checkpoint)
+    loaded: list[tuple[GPT, Tokenizer]] = []
+
+    def read() -> tuple[dict[str, Any], bytes, dict[str, Any], dict[str, Any]]:
+        checkpoint = last_checkpoint(run_dir)
+        state = load_training_state(checkpoint)
+        model, tokenizer = load_model(checkpoint)
+        saved = state.get("train_config", {})
+        kept = check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
+        loaded.append((model, tokenizer))
+        return model.config.to_dict(), tokenizer.to_bytes() if dist.enabled else b"", state, kept
+
+    shape, tokenizer_bytes, state, kept = dist.from_main(read)
+    if loaded:  # rank 0 (or a single process)
+        model, tokenizer = loaded[0]
+    else:
+        model, tokenizer = GPT(GPTConfig.from_dict(shape)), Tokenizer.from_bytes(tokenizer_bytes)
     saved = state.get("train_config", {})
-    kept = check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
     return dataclasses.replace(config, **kept), _Restored(model, tokenizer, state, saved)
+
+
+def _build_tokenizer(config: TrainConfig, files: list[Path], dist: Distributed) -> Tokenizer:
+    """A new run's tokenizer; under torchrun built once, by rank 0, and the same on every rank."""
+    if not dist.enabled:
+        return build_tokenizer(config.tokenizer, files, config.vocab_size)
+    data = dist.from_main(
+        lambda: build_tokenizer(config.tokenizer, files, config.vocab_size).to_bytes()
+    )
+    return Tokenizer.from_bytes(data)
 
 
 class _Run:
@@ -211,18 +242,21 @@ class _Run:
         elif init_from is not None:
             self.model, self.tokenizer = load_init_from(init_from, model_config)
         else:
-            self.tokenizer = build_tokenizer(config.tokenizer, files, config.vocab_size)
+            self.tokenizer = _build_tokenizer(config, files, dist)
             torch.manual_seed(config.seed)
             shape = GPTConfig.preset(DEFAULT_PRESET) if model_config is None else model_config
             self.model = GPT(shape.replace(vocab_size=self.tokenizer.n_vocab))
 
-        # Data: fixed train/val splits of the token stream, in block-size windows.
+        # Data: fixed train/val splits of the token stream, in block-size windows. The token
+        # cache is built by the first rank to get there, the others wait and read it.
         block_size = self.model.config.block_size
-        self.train_set = CustomDataset(
-            files, self.tokenizer, block_size, val_fraction=config.val_fraction
-        )
-        self.val_set = CustomDataset(
-            files, self.tokenizer, block_size, split="val", val_fraction=config.val_fraction
+        self.train_set, self.val_set = dist.main_first(
+            lambda: (
+                CustomDataset(files, self.tokenizer, block_size, val_fraction=config.val_fraction),
+                CustomDataset(
+                    files, self.tokenizer, block_size, split="val", val_fraction=config.val_fraction
+                ),
+            )
         )
         self.token_chars = torch.from_numpy(token_char_counts(self.tokenizer))
         self.global_batch = config.batch_size * config.grad_accum
