@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,7 +60,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(node_dir: Path, node: int, port: int, run_id: str, *extra: str) -> subprocess.Popen:
+def _launch(
+    node_dir: Path, node: int, port: int, run_id: str, *extra: str
+) -> subprocess.Popen[bytes]:
     """One node's ``torchrun ... -m gptkit train``, in its own session (so its process group,
     launcher and worker, can be signalled and killed as one)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
@@ -83,7 +86,7 @@ def _two_nodes(
     nodes: list[Path],
     name: str,
     *extra: str,
-    while_running: Callable[[list[subprocess.Popen]], None] | None = None,
+    while_running: Callable[[list[subprocess.Popen[bytes]]], None] | None = None,
 ) -> list[int]:
     """Launch both nodes, optionally act while they train, and return their exit codes; whatever
     happens, nothing outlives this call (the process groups are killed)."""
@@ -114,7 +117,7 @@ def _logs(nodes: list[Path], run_id: str) -> str:
     )
 
 
-def _metrics(run: Path) -> list[dict]:
+def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -190,7 +193,7 @@ def test_two_nodes_match_one_process_and_resume_after_ctrl_c(
     stopped = _nodes(tmp_path, "stopped", corpus)
     stopped_run = stopped[0] / "run"
 
-    def ctrl_c_on_node_1(procs: list[subprocess.Popen]) -> None:
+    def ctrl_c_on_node_1(procs: list[subprocess.Popen[bytes]]) -> None:
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         metrics = stopped_run / "metrics.jsonl"
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
