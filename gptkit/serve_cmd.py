@@ -18,6 +18,7 @@ from runtime.files import DEFAULT_MODEL
 
 SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
 MISSING_EXTRA = "gptkit serve needs the serve extra: pip install 'gptkit[serve]'"
+MISSING_RAY = "gptkit serve --ray needs the ray extra: pip install 'gptkit[ray]'"
 DEFAULT_MAX_BATCH = 8  # as runtime.engine's defaults (not imported: it loads onnxruntime)
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BODY = 1 << 20
@@ -56,7 +57,10 @@ def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     help="Requests that may wait for a slot; past it, 429.",
 )
 @click.option(
-    "--threads", type=int, callback=_positive, help="ONNX Runtime threads [default: all cores]."
+    "--threads",
+    type=int,
+    callback=_positive,
+    help="ONNX Runtime threads [default: all cores; with --ray, 1 per replica].",
 )
 @click.option("--model-name", help="The name clients send as `model` [default: the file's stem].")
 @click.option(
@@ -80,6 +84,30 @@ def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     help="Largest request body in bytes (413 past it).",
 )
 @click.option("--log-level", default="info", show_default=True, help="uvicorn's log level.")
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Serve on Ray Serve replicas (the ray extra): a local Ray cluster on loopback, or the "
+    "one $RAY_ADDRESS names. The model must be at the same path on every node.",
+)
+@click.option(
+    "--replicas",
+    default=1,
+    show_default=True,
+    callback=_positive,
+    help="With --ray: replicas, each its own engine with --threads threads.",
+)
+@click.option(
+    "--autoscale",
+    metavar="MIN:MAX",
+    help="With --ray: let Ray Serve scale between MIN and MAX replicas (instead of --replicas).",
+)
+@click.option(
+    "--target-ongoing-requests",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --autoscale: requests per replica Ray Serve aims at [default: --max-batch].",
+)
 def serve_command(
     model: str = DEFAULT_MODEL,
     host: str = "127.0.0.1",
@@ -94,6 +122,10 @@ def serve_command(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     max_body: int = DEFAULT_MAX_BODY,
     log_level: str = "info",
+    use_ray: bool = False,
+    replicas: int = 1,
+    autoscale: str | None = None,
+    target_ongoing_requests: float | None = None,
 ) -> None:
     """Serve MODEL (default model.onnx) over OpenAI's HTTP API, batching requests.
 
@@ -105,10 +137,19 @@ def serve_command(
 
     Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /tokenize,
     /detokenize, and a playground page at /.
+
+    \b
+    On Ray Serve (pip install 'gptkit[ray]'), the same routes, flags and port:
+      gptkit serve model.onnx --ray --replicas 2 --threads 1
+      gptkit serve model.onnx --ray --autoscale 1:4 --threads 2
     """
     missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise click.ClickException(MISSING_EXTRA)
+    if not use_ray and (replicas != 1 or autoscale or target_ongoing_requests):
+        raise click.UsageError("--replicas, --autoscale and --target-ongoing-requests need --ray")
+    if use_ray and importlib.util.find_spec("ray") is None:
+        raise click.ClickException(MISSING_RAY)
     from runtime.errors import ModelFileError, require
 
     require("onnxruntime", extra=None, purpose="gptkit serve")
@@ -117,13 +158,33 @@ def serve_command(
         raise ModelFileError(
             f"model file {model} not found; export one with `gptkit export {model}`"
         )
+    name = model_name or path.stem
+    if use_ray:
+        _serve_on_ray(
+            path,
+            name=name,
+            host=host,
+            port=port,
+            api_key=api_key or None,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            threads=threads,
+            cors_origin=cors_origin,
+            device=device,
+            drain_timeout=drain_timeout,
+            max_body=max_body,
+            log_level=log_level,
+            replicas=replicas,
+            autoscale=autoscale,
+            target_ongoing_requests=target_ongoing_requests,
+        )
+        return
     import uvicorn
 
     from gptkit.server import ServerOptions, create_app
     from runtime.engine import Engine
 
     _log_to_stderr(log_level)
-    name = model_name or path.stem
     failures: list[BaseException] = []
     servers: list[Any] = []  # the uvicorn server, once made (load_failed stops it)
 
@@ -176,6 +237,66 @@ def serve_command(
         if isinstance(error, GptkitError):
             raise error
         raise click.ClickException(f"the model failed to load: {error}")
+
+
+def _serve_on_ray(
+    path: Path,
+    *,
+    name: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_batch: int,
+    max_queue: int,
+    threads: int | None,
+    cors_origin: tuple[str, ...],
+    device: str,
+    drain_timeout: float,
+    max_body: int,
+    log_level: str,
+    replicas: int,
+    autoscale: str | None,
+    target_ongoing_requests: float | None,
+) -> None:
+    """`gptkit serve --ray`: the same app in Ray Serve replicas (gptkit.server.ray_serve)."""
+    from gptkit.server import ServerOptions
+    from gptkit.server import ray_serve as rs
+
+    scale_range = None
+    if autoscale is not None:
+        try:
+            scale_range = rs.parse_autoscale(autoscale)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--autoscale'") from None
+    elif target_ongoing_requests is not None:
+        raise click.UsageError("--target-ongoing-requests needs --autoscale")
+    _log_to_stderr(log_level)
+    spec = rs.EngineSpec(
+        model=str(path.resolve()),  # the same path on every node (shared storage)
+        device=device,
+        threads=threads or rs.DEFAULT_THREADS,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
+    options = ServerOptions(
+        model_name=name,
+        api_key=api_key,
+        cors_origins=tuple(cors_origin),
+        max_body=max_body,
+        drain_timeout=drain_timeout,
+    )
+    scaling = rs.Scaling(
+        replicas=replicas, autoscale=scale_range, target_ongoing_requests=target_ongoing_requests
+    )
+    rs.run(
+        spec,
+        options,
+        scaling,
+        host=host,
+        port=port,
+        log_level=log_level,
+        echo=lambda line: click.echo(line, err=True),
+    )
 
 
 def _server_class() -> type:
