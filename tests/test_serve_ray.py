@@ -533,3 +533,25 @@ def test_scaling_flags(runner, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert parse_autoscale("0:4") == (0, 4)
     with pytest.raises(ValueError):
         parse_autoscale("0:0")
+
+
+@needs_ray
+def test_the_serve_run_config_builds_the_app(tmp_path: Path) -> None:
+    """examples/ray_serve.yaml is a valid Serve config, and its args build the gptkit app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from gptkit.server.ray_serve import app_builder
+
+    config_path = Path(__file__).resolve().parent.parent / "examples" / "ray_serve.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "gptkit.server.ray_serve:app_builder"
+    built = app_builder({**app["args"], "model": str(tmp_path / "model.onnx")})
+    deployment_config = built._bound_deployment._deployment_config  # what Ray will run
+    scaling = deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    assert scaling.target_ongoing_requests == app["args"]["max_batch"]
+    with pytest.raises(ValueError, match="unknown"):
+        app_builder({"model": "m.onnx", "replica": 2})
