@@ -16,11 +16,13 @@ Two cache layouts, chosen by the file (``runtime.onnx_contract``):
 
 * ``--kv-cache inplace`` (the fast path): one buffer per layer's key and value,
   [max_batch, n_head, block_size, head_dim], slot-major so one slot's rows are contiguous and a
-  prefill binds a view of them (no copy). ONNX Runtime's GroupQueryAttention writes every row of
-  a step at the same cache column (the export sets ``seqlens_k`` to the mask width minus one), so
-  the slots share a timeline: the next step writes column ``column`` for every running row, a
-  joining prompt is written into the columns just before it, and the attention mask hides
-  whatever a slot does not own (older requests' leftovers, columns skipped while it prefilled).
+  decode step binds a view of the slots below the highest running one (no copy). ONNX Runtime's
+  GroupQueryAttention writes every row of a step at the same cache column (the export sets
+  ``seqlens_k`` to the mask width minus one), so the slots share a timeline: the next step writes
+  column ``column`` for every running row, a joining prompt (prefilled, in chunks, into a cache
+  of its own length, whose cost does not grow with the slot's capacity) is copied into the
+  columns just before it, and the attention mask hides whatever a slot does not own (older
+  requests' leftovers, columns skipped while it waited).
   When the timeline reaches the buffer's end, or holes make up most of it (attention reads
   every column up to the current one), every slot's columns are moved to the left
   (``compact``): a copy of the live cache, about once per live length of steps.
@@ -495,7 +497,9 @@ class _SharedBuffer:
         self.valid = np.zeros((slots, self.capacity), dtype=np.int64)  # a slot's own columns
         self.column = 0  # the column the next decode step writes, for every row
         self.compactions = 0
-        self.span: dict[int, tuple[int, int]] = {}  # a prefilling slot's prompt: (start, length)
+        # A joining prompt is prefilled into a cache of its own length (ONNX Runtime's prompt
+        # path costs what that cache holds, not what the slot could hold), then copied in.
+        self.scratch: dict[int, KVCache] = {}
         self._views: dict[tuple[int, int], KVCache] = {}
 
     def _view(self, lo: int, hi: int, length: int) -> KVCache:
@@ -507,31 +511,37 @@ class _SharedBuffer:
         return dataclasses.replace(cache, length=length)
 
     def prefill(self, active: _Active, ids: np.ndarray) -> np.ndarray:
-        slot, length = active.slot, active.prompt_length
-        if active.prefilled == 0:  # place the prompt in the columns just before `column`
-            if self.column + 1 > self.capacity:
-                self._compact()
-            if self.column < length:  # too early in the timeline: skip ahead (others get holes)
-                self.column = length
-            self.span[slot] = (self.column - length, length)
-            self.valid[slot] = 0
-        first = self.span[slot][0] + active.prefilled
-        end = first + len(ids)
-        self.valid[slot, first:end] = 1
-        mask = self.valid[slot : slot + 1, :end]
-        positions = np.arange(active.prefilled, active.prefilled + len(ids), dtype=np.int64)
-        cache = self._view(slot, slot + 1, first)
-        logits, _ = self.session.run(ids[None], mask, positions[None], cache)
-        if active.prefilled + len(ids) == length:
-            del self.span[slot]  # the prompt is in: the slot decodes from the next step
+        slot, start = active.slot, active.prefilled
+        cache = self.scratch.pop(slot, None)
+        if cache is None:
+            cache = self.session.empty_cache(1, capacity=active.prompt_length)
+        end = start + len(ids)
+        mask = np.ones((1, end), dtype=np.int64)
+        positions = np.arange(start, end, dtype=np.int64)[None]
+        logits, cache = self.session.run(ids[None], mask, positions, cache)
+        if end < active.prompt_length:
+            self.scratch[slot] = cache
+        else:
+            self._join(slot, cache)
         chunk: np.ndarray = logits[0]
         return chunk
+
+    def _join(self, slot: int, prompt: KVCache) -> None:
+        """Copy a prefilled prompt into the columns just before ``column``; it decodes next."""
+        length = prompt.length
+        if self.column < length:  # too early in the timeline: skip ahead (others get holes)
+            self.column = length
+        begin = self.column - length
+        for buffer, part in zip(self.buffers, prompt.values, strict=True):
+            buffer[slot, :, begin : self.column] = part[0, :, :length]
+        self.valid[slot] = 0
+        self.valid[slot, begin : self.column] = 1
 
     def decode(self, rows: list[_Active]) -> np.ndarray:
         # Attention runs over every column up to `column`, holes included: compact when the
         # buffer is full, or when holes are most of the timeline (a copy of the live columns,
         # about once per live length of steps, against attention over dead columns every step).
-        longest = max(int(self.valid.sum(axis=1).max()), *(n for _, n in self.span.values()), 0)
+        longest = int(self.valid.sum(axis=1).max())
         if self.column + 1 > self.capacity or self.column > 2 * longest + HOLE_SLACK:
             self._compact()
         column = self.column
@@ -553,30 +563,25 @@ class _SharedBuffer:
 
     def release(self, active: _Active) -> None:
         self.valid[active.slot] = 0
-        self.span.pop(active.slot, None)
-        if not self.valid.any() and not self.span:
+        self.scratch.pop(active.slot, None)
+        if not self.valid.any():
             self.column = 0  # nobody left: the timeline starts over
 
     def _compact(self) -> None:
         """Move every slot's columns to the left, right-aligned at the longest; drop holes."""
         self.compactions += 1
-        spans: dict[int, np.ndarray] = {}
-        for slot in range(self.valid.shape[0]):
-            if slot in self.span:  # a prompt being written keeps its whole reserved span
-                begin, length = self.span[slot]
-                spans[slot] = np.arange(begin, begin + length)
-            elif self.valid[slot].any():
-                spans[slot] = np.flatnonzero(self.valid[slot])
+        spans = {
+            slot: np.flatnonzero(self.valid[slot])
+            for slot in range(self.valid.shape[0])
+            if self.valid[slot].any()
+        }
         end = max((len(c) for c in spans.values()), default=0)
         for slot, columns in spans.items():
             new = np.arange(end - len(columns), end)
             for buffer in self.buffers:
                 buffer[slot, :, new] = buffer[slot, :, columns]
-            valid = self.valid[slot, columns].copy()
             self.valid[slot] = 0
-            self.valid[slot, new] = valid
-            if slot in self.span:
-                self.span[slot] = (end - len(columns), len(columns))
+            self.valid[slot, new] = 1
         self.column = end
 
 
