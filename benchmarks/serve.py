@@ -1,6 +1,6 @@
 """Serving benchmark: `gptkit serve` under concurrent streaming clients, next to the same server
-with --max-batch 1, the thread-per-request example (examples/complete_server.py) and llama.cpp's
-llama-server, on the same random GPT-2-shaped weights, in one run.
+with --max-batch 1, a thread-per-request server without batching
+(benchmarks/thread_per_request_server.py) and llama.cpp's llama-server, on the same random GPT-2-shaped weights, in one run.
 
     python benchmarks/serve.py                                # gpt2; 1, 4, 8 and 16 clients
     python benchmarks/serve.py --llama-server /work/llama-build/build/bin/llama-server
@@ -24,7 +24,7 @@ them in turn (interleaved, so the machine's other load falls on all alike):
     gptkit        gptkit serve MODEL --max-batch S --threads 2 (S = --max-batch, default the
                   largest client count)
     gptkit-b1     the same with --max-batch 1 (one request at a time, the rest queue)
-    example       examples/complete_server.py --threads 2 (one thread per request, one shared
+    example       benchmarks/thread_per_request_server.py --threads 2 (one thread per request, one shared
                   runtime.Model, no batching)
     llama         llama-server -np S -c S*block_size -cb -t 2 on GGUF f32 / q8_0 (with
                   --llama-server PATH; else skipped)
@@ -79,7 +79,7 @@ from runtime.tokenizer import Tokenizer
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV_BIN = Path(sys.executable).parent  # gptkit's console script lives beside this interpreter
-EXAMPLE = ROOT / "examples" / "complete_server.py"
+EXAMPLE = ROOT / "benchmarks" / "thread_per_request_server.py"
 FETCH_CONVERTER = ROOT / "scripts" / "fetch_llama_converter.sh"
 CONVERTER_ENV = "GPTKIT_LLAMA_CONVERTER"
 CONVERTER_PATCH_MARK = "_gptkit_splits_like_gpt2"  # scripts/fetch_llama_converter.sh's patch
@@ -810,7 +810,7 @@ def specs_for(
         elif system == "example" and EXAMPLE.is_file():
             command = [sys.executable, str(EXAMPLE), "--model", str(model), "--port", str(port)]
             command += ["--threads", threads]
-            label = "examples/complete_server.py (thread per request)"
+            label = "thread per request (no batching)"
             specs.append(
                 ServerSpec(
                     system,

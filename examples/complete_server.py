@@ -1,17 +1,16 @@
-"""A tiny HTTP text-completion service on the standard library, embedding the gptkit runtime.
+"""Embedding gptkit's batching engine in another app: a standard-library HTTP service.
 
     python examples/complete_server.py --model model.onnx --port 8000
     curl -s localhost:8000/complete -d '{"prompt": "ROMEO:", "max_new_tokens": 40, "seed": 0}'
-    curl -sN localhost:8000/complete -d '{"prompt": "ROMEO:", "stream": true}'
 
-POST /complete takes JSON: ``prompt`` plus any sampling option of ``runtime.SamplingConfig``
-(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop) and
-``"stream": true`` for a plain-text stream of the pieces as they are generated. It answers
+The web framework here is the standard library's, one thread per connection; what matters is
+that every handler thread submits to one shared ``runtime.engine.Engine``, whose own thread
+decodes all running requests together in one batched step. For an OpenAI-compatible server use
+``gptkit serve`` instead; this file shows the few lines an app of your own needs.
+
+POST /complete takes JSON: ``prompt`` plus any ``runtime.SamplingConfig`` field, and answers
 ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``; a bad request gets 400 and
-``{"error": "..."}``, the runtime's one-line message. GET /health describes the model.
-
-One loaded model serves every request: the server runs one thread per request, and a
-``runtime.Model`` is safe to share between threads. Needs only `pip install gptkit` (no PyTorch).
+``{"error": "..."}``, the runtime's one-line message.
 """
 
 from __future__ import annotations
@@ -21,47 +20,33 @@ import json
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import runtime
+from runtime import GptkitError, SamplingConfig
+from runtime.engine import Engine
 
-MAX_BODY = 1 << 20  # 1 MiB of JSON is plenty for a prompt
+MAX_BODY = 1 << 20
 
 
-def make_server(
-    model: runtime.Model, host: str = "127.0.0.1", port: int = 8000
-) -> ThreadingHTTPServer:
-    """An HTTP server bound to (host, port) that completes text with ``model``."""
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server on (host, port) whose requests all share ``engine`` (started by the caller)."""
 
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            if self.path != "/health":
-                return self._json(
-                    HTTPStatus.NOT_FOUND, {"error": "try POST /complete or GET /health"}
-                )
-            self._json(HTTPStatus.OK, {"model": repr(model), "block_size": model.block_size})
-
         def do_POST(self) -> None:
             if self.path != "/complete":
-                return self._json(HTTPStatus.NOT_FOUND, {"error": "try POST /complete"})
+                return self._reply(HTTPStatus.NOT_FOUND, {"error": "try POST /complete"})
             try:
                 length = int(self.headers.get("Content-Length", "0"))
                 if not 0 < length <= MAX_BODY:
-                    raise ValueError(f"send a JSON body of 1 byte to {MAX_BODY} bytes")
-                request = json.loads(self.rfile.read(length))
-                if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
-                    raise ValueError('send a JSON object with a "prompt" string')
-                prompt = request.pop("prompt")
-                stream = bool(request.pop("stream", False))
-                if stream:
-                    pieces = model.stream(prompt, **request)  # raises here on bad options
-                else:
-                    result = model.complete(prompt, **request)
-            except (ValueError, runtime.GptkitError) as e:  # GptkitError: the runtime's message
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-            if stream:
-                return self._stream(pieces)
-            self._json(
+                    raise ValueError(f"send a JSON body of 1 to {MAX_BODY} bytes")
+                body = json.loads(self.rfile.read(length))
+                prompt = body.pop("prompt")
+                config = SamplingConfig(**body)  # checks every field, one-line errors
+                request = engine.submit(
+                    engine.tokenizer.encode(prompt) or [engine.tokenizer.eot_token], config
+                )
+                result = request.result()  # this thread waits; the engine batches
+            except (GptkitError, ValueError, KeyError, TypeError) as e:
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e) or repr(e)})
+            self._reply(
                 HTTPStatus.OK,
                 {
                     "text": result.text,
@@ -71,53 +56,34 @@ def make_server(
                 },
             )
 
-        def _stream(self, pieces) -> None:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            try:
-                for piece in pieces:  # whole UTF-8 characters only: safe to send as they come
-                    data = piece.encode("utf-8")
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left; generation stops with the loop
-
-        def _json(self, status: HTTPStatus, body: dict) -> None:
-            data = json.dumps(body).encode("utf-8")
+        def _reply(self, status: HTTPStatus, payload: dict[str, object]) -> None:
+            data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-            pass  # keep the console for errors
+        def log_message(self, format: str, *args: object) -> None:  # no prompts in the log
+            pass
 
     return ThreadingHTTPServer((host, port), Handler)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="model.onnx", help="exported .onnx file")
+    parser.add_argument("--model", default="model.onnx")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per request")
+    parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
-    try:
-        model = runtime.load(args.model, threads=args.threads)
-    except runtime.GptkitError as e:
-        raise SystemExit(f"Error: {e}") from None
-    server = make_server(model, args.host, args.port)
-    print(f"serving {model} on http://{args.host}:{server.server_port}/complete (Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    with Engine.load(args.model, max_batch=args.max_batch) as engine:
+        server = make_server(engine, args.host, args.port)
+        print(f"serving {args.model} on http://{args.host}:{args.port}/complete")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
 
 
 if __name__ == "__main__":

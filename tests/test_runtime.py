@@ -430,39 +430,52 @@ def test_complete_lines_example_batches_like_generate(model: Model):
     assert got == [model.generate(line, max_new_tokens=n, temperature=0) for line in lines]
 
 
-def test_complete_server_example_serves_json_and_streams(model: Model):
+def test_complete_server_example_batches_through_the_engine(model: Model, exported: Exported):
+    """The example embeds the engine: concurrent requests get what each gets alone."""
     import json
     import threading
     import urllib.error
     import urllib.request
 
-    server = load_example("complete_server").make_server(model, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/complete"
+    from runtime.engine import Engine
 
-    def post(body: dict) -> tuple[int, bytes]:
-        request = urllib.request.Request(url, data=json.dumps(body).encode())
+    example = load_example("complete_server")
+    with Engine.load(exported.path, max_batch=4) as engine:
+        server = example.make_server(engine, port=0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/complete"
+
+        def post(body: dict) -> tuple[int, bytes]:
+            request = urllib.request.Request(url, data=json.dumps(body).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    try:
-        n = room(model, "ROMEO:")
-        expected = model.complete("ROMEO:", max_new_tokens=n, seed=4)
-        status, body = post({"prompt": "ROMEO:", "max_new_tokens": n, "seed": 4})
-        assert status == 200
-        assert json.loads(body) == {
-            "text": expected.text,
-            "finish_reason": expected.finish_reason,
-            "prompt_tokens": expected.prompt_tokens,
-            "completion_tokens": len(expected.token_ids),
-        }
-        status, body = post({"prompt": "ROMEO:", "max_new_tokens": n, "seed": 4, "stream": True})
-        assert (status, body.decode("utf-8")) == (200, expected.text)
-        status, body = post({"prompt": "ROMEO:", "top_p": 2})
-        assert status == 400 and "top_p must be in (0, 1]" in json.loads(body)["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
+            n = room(model, "ROMEO:")
+            replies: dict[int, tuple[int, bytes]] = {}
+            body = {"prompt": "ROMEO:", "max_new_tokens": n}
+            threads = [
+                threading.Thread(target=lambda s=s: replies.update({s: post({**body, "seed": s})}))
+                for s in range(4)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for seed, (status, reply) in replies.items():
+                expected = model.complete("ROMEO:", max_new_tokens=n, seed=seed)
+                assert status == 200
+                assert json.loads(reply) == {
+                    "text": expected.text,
+                    "finish_reason": expected.finish_reason,
+                    "prompt_tokens": expected.prompt_tokens,
+                    "completion_tokens": len(expected.token_ids),
+                }
+            status, reply = post({"prompt": "ROMEO:", "top_p": 2})
+            assert status == 400 and "top_p must be in (0, 1]" in json.loads(reply)["error"]
+        finally:
+            server.shutdown()
+            server.server_close()
