@@ -714,7 +714,7 @@ def prepare_gguf(manifest: dict[str, Any], converter: Path, log: Log) -> dict[st
 
     config = manifest["config"]
     model = GPT(GPTConfig.from_dict(config)).eval()
-    model.load_state_dict(torch.load(manifest["weights"], map_location="cpu"))
+    model.load_state_dict(torch.load(manifest["weights"], map_location="cpu", weights_only=True))
     gguf_dir.mkdir(parents=True, exist_ok=True)
     hf_dir = gguf_dir / "hf"
     log(f"export_hf -> {hf_dir}")

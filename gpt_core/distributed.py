@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -196,10 +195,13 @@ class Distributed:
 
 
 def _portable(error: Exception) -> Exception:
-    """``error`` if it survives pickling (to reach the other ranks), else one that says the same."""
+    """An error of the same kind and message, rebuilt from its text to reach the other ranks.
+
+    Rebuilding (instead of sending ``error`` itself) keeps whatever else it holds (a report, a
+    traceback's objects) off the wire; a kind that takes more than a message becomes its base.
+    """
+    base = GptkitError if isinstance(error, GptkitError) else RuntimeError
     try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        kind = GptkitError if isinstance(error, GptkitError) else RuntimeError
-        return kind(f"rank 0: {error}")
+        return type(error)(str(error)) if isinstance(error, GptkitError) else base(str(error))
+    except Exception:  # a constructor that wants more than the message
+        return base(str(error))

@@ -99,3 +99,18 @@ def _worker(corpus: str, out: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+def test_rank_zero_errors_reach_the_others_as_their_kind_and_message() -> None:
+    """What rank 0 raises is rebuilt from its text (never the object itself) for the other ranks."""
+    from gpt_core.distributed import _portable
+    from runtime.errors import CheckpointError, ContextLengthError, GptkitError
+
+    missing = _portable(CheckpointError("no checkpoint in runs/x; train first"))
+    assert (
+        type(missing) is CheckpointError and str(missing) == "no checkpoint in runs/x; train first"
+    )
+    odd = ContextLengthError(10, 5, 12)  # its constructor wants numbers: sent as its base kind
+    rebuilt = _portable(odd)
+    assert type(rebuilt) is GptkitError and str(rebuilt) == str(odd)
+    assert type(_portable(KeyError("k"))) is RuntimeError
