@@ -176,11 +176,8 @@ def prepare_gguf(
         _convert(manifest, converter, gguf_dir, {t: paths[t] for t in CONVERTED}, log)
         stamp_path.write_text(stamp)
     f32 = paths["f32"].stat()
-    quant_stamp = json.dumps(
-        {"f32": stamp, "f32_size": f32.st_size, "f32_mtime_ns": f32.st_mtime_ns,
-         "llama_quantize": str(build.quantize)},
-        sort_keys=True,
-    )  # fmt: skip
+    source = {"f32": stamp, "f32_size": f32.st_size, "f32_mtime_ns": f32.st_mtime_ns}
+    quant_stamp = json.dumps({**source, "llama_quantize": str(build.quantize)}, sort_keys=True)
     quant_stamp_path = gguf_dir / "stamp-quantized.json"
     if not (
         quant_stamp_path.is_file()
