@@ -46,7 +46,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_loss_plot(metrics_path: Path, out: Path) -> str | None:
-    """A PNG of the train and validation loss; None (and no file) when matplotlib is absent."""
+    """A PNG of the train and validation loss against steps and minutes; None (and no file)
+    when matplotlib is absent."""
     try:
         import matplotlib
 
@@ -58,12 +59,20 @@ def write_loss_plot(metrics_path: Path, out: Path) -> str | None:
     if not rows:
         return None
     val = [r for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
+    # Against steps (what the schedule sees) and minutes (what the user waits); rows logged
+    # before elapsed_s was recorded have no minutes axis.
+    axes_by = [("step", "step", 1.0)]
+    if all("elapsed_s" in r for r in rows):
+        axes_by.append(("elapsed_s", "minutes of training", 60.0))
+    fig, axes = plt.subplots(1, len(axes_by), figsize=(6 * len(axes_by), 4), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], axes_by, strict=True):
+        ax.plot([r[key] / scale for r in rows], [r["loss"] for r in rows], label="train")
+        ax.plot(
+            [r[key] / scale for r in val], [r["val_loss"] for r in val], "o-", label="validation"
+        )
+        ax.set_xlabel(label)
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)

@@ -270,9 +270,11 @@ class _Run:
 
         # Optimizer, loss scaler and the sampler's generator.
         self.model.to(self.device)
-        self.optimizer = schedule.make_optimizer(
+        self.optimizers = schedule.make_optimizers(
             self.model,
+            optimizer=config.optimizer,
             lr=config.lr,
+            muon_lr=config.muon_lr,
             weight_decay=config.weight_decay,
             betas=(config.beta1, config.beta2),
             device=self.device,
@@ -301,7 +303,10 @@ class _Run:
         )
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # AdamW's state under "optimizer" (as runs before Muon saved it), Muon's under "muon".
+        self.optimizers[0].load_state_dict(state["optimizer"])
+        if len(self.optimizers) > 1:
+            self.optimizers[1].load_state_dict(state["muon"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.elapsed_before = int(state["step"]), float(state["elapsed_s"])
         self.best_val, self.best_bpc = float(state["best_val_loss"]), float(state["best_val_bpc"])
@@ -342,6 +347,8 @@ class _Run:
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
             restart=self.restart,
+            shape=config.lr_schedule,
+            decay_fraction=config.decay_fraction,
         )
         self.replanned = {"old_end": old_total, "new_end": self.total, "lr": self.restart[1]}
 
@@ -385,9 +392,10 @@ class _Run:
             warmup_steps=config.warmup_steps,
             min_lr_ratio=config.min_lr_ratio,
             restart=self.restart,
+            shape=config.lr_schedule,
+            decay_fraction=config.decay_fraction,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        schedule.set_learning_rate(self.optimizers, lr / config.lr)
         self.model.train()
         epoch, index = divmod(self.step, self.steps_per_epoch)
         batch = slice(index * self.global_batch, (index + 1) * self.global_batch)
@@ -405,11 +413,14 @@ class _Run:
                 loss = self.forward(x, y).loss / config.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.item()
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
         loss_sum = dist.mean(loss_sum)  # every rank's share of the batch
@@ -476,7 +487,7 @@ class _Run:
     def save(self, is_best: bool) -> None:
         """A checkpoint with everything ``resume`` needs to continue bit for bit."""
         state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "elapsed_s": self.elapsed,
@@ -486,6 +497,8 @@ class _Run:
             "sampler_rng": self.sampler.get_state(),
             "train_config": self.saved_config,
         }
+        if len(self.optimizers) > 1:
+            state["muon"] = self.optimizers[1].state_dict()
         if self.restart is not None:
             state["lr_restart"] = list(self.restart)
         if self.device.type == "cuda":

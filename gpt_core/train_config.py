@@ -33,6 +33,9 @@ DEFAULT_MAX_STEPS = 600
 # Values of TrainConfig.device and TrainConfig.precision (gpt_core.schedule resolves "auto").
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Values of TrainConfig.optimizer and TrainConfig.lr_schedule (gpt_core.schedule builds them).
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
 # Values of TrainConfig.log: where metrics go besides metrics.jsonl (gpt_core.tracking).
 TRACKERS = ("tensorboard",)
 
@@ -51,8 +54,12 @@ class TrainConfig:
     vocab_size: int = 2048  # for "bpe": small vocabularies train fastest on a CPU
     batch_size: int = 32  # sequences per micro-batch (over all DDP ranks)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # peak learning rate; small models take a large one
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    lr: float = 2e-3  # peak learning rate (AdamW's); small models take a large one
+    optimizer: str = "adamw"  # one of OPTIMIZERS: "muon" = Muon for the blocks' matrices
+    muon_lr: float = 2e-3  # Muon's peak rate (scaled per matrix to AdamW's update size)
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
+    decay_fraction: float = 0.3  # "wsd": the last fraction of the run decays linearly
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -83,8 +90,20 @@ class TrainConfig:
             if value < 0 or (value == 0 and name in positive):
                 kind = "positive" if name in positive else "zero or more"
                 raise ConfigError(f"--{name.replace('_', '-')} must be {kind}, got {value}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("lr", "muon_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(
+                f"--decay-fraction must be between 0 and 1, got {self.decay_fraction}"
+            )
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
+                    f"choose one of {', '.join(choices)}"
+                )
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -127,9 +146,18 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
 # The fields a resumed run takes from its checkpoint rather than from the caller: everything that
 # decides which batches come next and what the optimizer does with them.
 RESUME_FIXED = (
-    "data tokenizer vocab_size batch_size grad_accum lr min_lr_ratio warmup_steps weight_decay "
-    "beta1 beta2 grad_clip epochs max_steps val_fraction seed eval_interval eval_windows"
+    "data tokenizer vocab_size batch_size grad_accum lr optimizer muon_lr lr_schedule "
+    "decay_fraction min_lr_ratio warmup_steps weight_decay beta1 beta2 grad_clip epochs max_steps "
+    "val_fraction seed eval_interval eval_windows"
 ).split()
+# RESUME_FIXED fields a run saved before they existed, with the value such a run used: a resumed
+# old run keeps its recipe even where today's default differs.
+BEFORE_RECIPE_FIELDS = {
+    "optimizer": "adamw",
+    "muon_lr": 2e-3,
+    "lr_schedule": "cosine",
+    "decay_fraction": 0.3,
+}
 # The RESUME_FIXED fields that set the run's length. Asking a resumed run for another length is
 # no conflict: it continues to the new end with its learning-rate schedule re-planned
 # (``gpt_core.schedule.replan``); an end at or before the run's current step is refused by train().
@@ -153,6 +181,7 @@ def check_resume(
     returns the RESUME_FIXED values the resumed run takes: the run's, except that a length that
     differs from the run's is taken from ``config`` (both of its fields, as asked).
     """
+    saved_train = {**BEFORE_RECIPE_FIELDS, **saved_train}
     asked_model = {} if model_config is None else model_config.to_dict()
     asked_model.pop("vocab_size", None)
     defaults = TrainConfig()

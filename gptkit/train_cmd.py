@@ -20,6 +20,8 @@ from gpt_core.train_config import (
     DEFAULT_MAX_STEPS,
     DEFAULT_PRESET,
     DEFAULT_RUN_DIR,
+    LR_SCHEDULES,
+    OPTIMIZERS,
     PRECISIONS,
     TRACKERS,
     TRAIN_DEVICES,
@@ -88,7 +90,24 @@ def _help(text: str, default: object) -> str:
     type=int,
     help=_help("Micro-batches per step.", DEFAULTS["grad_accum"]),
 )
-@click.option("--lr", type=float, help=_help("Peak learning rate.", DEFAULTS["lr"]))
+@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW's).", DEFAULTS["lr"]))
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    help=_help("muon: Muon for the blocks' matrices, AdamW for the rest.", DEFAULTS["optimizer"]),
+)
+@click.option(
+    "--muon-lr", type=float, help=_help("Muon's peak learning rate.", DEFAULTS["muon_lr"])
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(LR_SCHEDULES),
+    help=_help(
+        "cosine decay, or wsd: warmup, stable, then a linear decay over the last "
+        "decay_fraction of the run.",
+        DEFAULTS["lr_schedule"],
+    ),
+)
 @click.option("--epochs", type=float, help="Train for this many passes over the data.")
 @click.option(
     "--max-steps",
@@ -164,6 +183,9 @@ def train_command(
     batch_size: int | None = None,
     grad_accum: int | None = None,
     lr: float | None = None,
+    optimizer: str | None = None,
+    muon_lr: float | None = None,
+    lr_schedule: str | None = None,
     epochs: float | None = None,
     max_steps: int | None = None,
     eval_interval: int | None = None,
@@ -203,6 +225,9 @@ def train_command(
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "lr": lr,
+        "optimizer": optimizer,
+        "muon_lr": muon_lr,
+        "lr_schedule": lr_schedule,
         "epochs": epochs,
         "max_steps": max_steps,
         "eval_interval": eval_interval,
@@ -300,6 +325,12 @@ def _read_config_file(
     return model, train
 
 
+def _minutes(seconds: float) -> str:
+    """Elapsed training time as m:ss."""
+    whole = round(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
+
+
 class _Display:
     """Turns training events into a tqdm bar and log lines on stderr."""
 
@@ -343,7 +374,7 @@ class _Display:
             best = " (best)" if d["best"] else ""
             line = (
                 f"step {event.step}: train loss {d['loss']:.3f}, val loss {d['val_loss']:.3f}, "
-                f"val {d['val_bpc']:.3f} bits/char{best}"
+                f"val {d['val_bpc']:.3f} bits/char{best} at {_minutes(d['elapsed_s'])}"
             )
             sample = d["sample"].strip("\n")
             self._write(f"{line}\n--- sample ---\n{sample}\n--------------")

@@ -79,8 +79,14 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
 
 
 def test_weight_decay_applies_to_matrices_only(tiny_model) -> None:
-    opt = schedule.make_optimizer(
-        tiny_model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), device=torch.device("cpu")
+    (opt,) = schedule.make_optimizers(
+        tiny_model,
+        optimizer="adamw",
+        lr=1e-3,
+        muon_lr=0.02,
+        weight_decay=0.1,
+        betas=(0.9, 0.99),
+        device=torch.device("cpu"),
     )
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
@@ -95,7 +101,9 @@ def test_weight_decay_applies_to_matrices_only(tiny_model) -> None:
 def test_devices_and_precisions() -> None:
     cpu = torch.device("cpu")
     assert schedule.pick_device("cpu") == cpu
-    assert schedule.resolve_precision("auto", cpu) == "fp32"
+    assert schedule.resolve_precision("auto", cpu) == (
+        "bf16" if schedule.cpu_has_native_bf16() else "fp32"
+    )
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         schedule.resolve_precision("fp16", cpu)
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
