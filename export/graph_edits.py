@@ -147,6 +147,76 @@ def untie_embedding(proto: onnx.ModelProto) -> None:
             return
 
 
+def head_matmul(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The output head of a tied graph: the MatMul that reads wte through HEAD_TRANSPOSE."""
+    transpose = next((n for n in graph.node if n.name == HEAD_TRANSPOSE), None)
+    if transpose is None:
+        return None
+    weight = transpose.output[0]
+    return next((n for n in graph.node if n.op_type == "MatMul" and n.input[1] == weight), None)
+
+
+def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool:
+    """Tie a 4-bit head and the embedding again: the token lookup becomes a GatherBlockQuantized
+    over the head's own MatMulNBits weight, and the fp32 embedding table is dropped.
+
+    MatMulNBits stores its [K=n_embd, N=vocab] weight as uint8 ``[vocab, k_blocks, block/2]``,
+    blocks running along n_embd: row v is wte[v] quantised in blocks, so the same bytes (viewed
+    as ``[vocab, n_embd/2]``), scales ``[vocab, k_blocks]`` and packed zero points serve
+    GatherBlockQuantized (uint8 data, bits=4, quantize_axis=1). The file then holds the
+    embedding once, in 4 bits (onnxruntime-genai's builder ties int4 embeddings the same way).
+    Returns False (graph unchanged) when the head is not a 4-bit MatMulNBits whose blocks tile
+    n_embd exactly, or the lookup is not a plain Gather of wte.
+    """
+    graph = proto.graph
+    wte = embedding_initializer(graph)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+    if wte is None or head.op_type != "MatMulNBits" or attrs.get("bits", 4) != 4:
+        return False
+    vocab, n_embd = wte.dims
+    block = int(attrs["block_size"])
+    if (int(attrs["N"]), int(attrs["K"])) != (vocab, n_embd) or n_embd % block:
+        return False
+    gather = next(
+        n
+        for n in graph.node
+        if n.op_type == "Gather" and n.input[0] == wte.name and n.input[1] == INPUT_IDS
+    )
+    if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+        return False
+    shape = onnx.numpy_helper.from_array(
+        np.array([vocab, n_embd // 2], dtype=np.int64), "wte/nbits_shape"
+    )
+    graph.initializer.append(shape)
+    rows = "wte/nbits_rows"
+    lookup = [rows, gather.input[1], head.input[2]]
+    if len(head.input) > 3 and head.input[3]:
+        lookup.append(head.input[3])  # packed uint8 zero points: the same layout for both ops
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    new_nodes = [
+        onnx.helper.make_node(
+            "Reshape", [head.input[1], shape.name], [rows], name="wte/nbits_Reshape"
+        ),
+        onnx.helper.make_node(
+            "GatherBlockQuantized",
+            lookup,
+            list(gather.output),
+            name="wte/GatherBlockQuantized",
+            domain="com.microsoft",
+            bits=4,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+    ]
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(index + offset, node)
+    if not any(wte.name in n.input for n in graph.node):
+        graph.initializer.remove(wte)
+    return True
+
+
 def strip_exporter_extras(proto: onnx.ModelProto) -> None:
     """Drop what the dynamo exporter adds beyond the graph: per-node notes (stack traces with the
     exporting machine's file paths, FX node dumps), graph-level notes, and the intermediate

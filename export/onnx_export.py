@@ -32,11 +32,16 @@ import onnx
 import onnx.helper
 import torch
 
-from export.graph_edits import split_head, strip_exporter_extras, tie_embedding
+from export.graph_edits import (
+    sort_topologically,
+    split_head,
+    strip_exporter_extras,
+    tie_embedding,
+)
 from export.inplace_cache import GQA_OP, TRANSLATION, FusedAttention
 from export.options import ExportOptions
 from export.parity import ParityReport, verify_parity
-from export.variants import optimize, quantize_int8, to_fp16
+from export.variants import optimize, quantize_int4, quantize_int8, to_fp16
 from gpt_core.model import GPT, attention_kernel, fp32_cpu
 from runtime.errors import ExportError, ParityError
 from runtime.files import atomic_write_bytes
@@ -127,8 +132,8 @@ def export_onnx(
             f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
             f"{model.config.vocab_size}; they do not belong together"
         )
-    proto, notes, fusions = build_graph(model, options)
-    _write_metadata(proto, model, tokenizer, options, fusions, source)
+    proto, notes, fusions, details = build_graph(model, options)
+    _write_metadata(proto, model, tokenizer, options, fusions, source, details)
     with _staging_file(target) as staging:
         write_model(proto, staging)
         report = None
@@ -155,13 +160,15 @@ def export_onnx(
 
 def build_graph(
     model: GPT, options: ExportOptions
-) -> tuple[onnx.ModelProto, list[str], dict[str, int]]:
-    """The traced graph with its variant applied: (graph, notes for the user, fusions done)."""
+) -> tuple[onnx.ModelProto, list[str], dict[str, int], dict]:
+    """The traced graph with its variant applied: (graph, notes for the user, fusions done,
+    quantisation details for the metadata)."""
     cfg = model.config
     proto = trace(model, options.opset, kv_cache=options.kv_cache)
     tie_embedding(proto)
     notes: list[str] = []
     fusions: dict[str, int] = {}
+    details: dict = {}
     if options.optimize:  # before fp16/int8: the fusion patterns are written for fp32 graphs
         proto, fusions = optimize(proto, cfg.n_head, cfg.n_embd)
         found = ", ".join(f"{op} x{n}" for op, n in fusions.items())
@@ -171,13 +178,24 @@ def build_graph(
         notes.append(
             "int8: MatMul weights quantised (dynamic QInt8); output head stored apart from wte"
         )
+    elif options.quantize == "int4":
+        proto, int4 = quantize_int4(proto)
+        details["int4"] = int4
+        split_head(proto)  # a head left fp32 (n_embd not a multiple of 16) stays tied
+        sort_topologically(proto.graph)
+        notes.append(
+            f"int4: {int4['matmuls']} MatMul weights in 4-bit blocks of "
+            f"{'/'.join(map(str, int4['block_sizes'])) or '-'} (MatMulNBits, "
+            f"{'symmetric' if int4['symmetric'] else 'asymmetric'}, accuracy_level "
+            f"{int4['accuracy_level']}); output head {int4['head']}"
+        )
     elif options.dtype == "fp16":
         proto = to_fp16(proto)
         tie_embedding(proto)  # the converter may fold the head's Transpose into a second copy
         notes.append("fp16: weights and KV cache fp16; LayerNorm, Softmax and logits fp32")
     else:
         split_head(proto)  # fp32: a quarter of the load-time memory peak the head costs
-    return proto, notes, fusions
+    return proto, notes, fusions, details
 
 
 def trace(model: GPT, opset: int, *, kv_cache: str) -> onnx.ModelProto:
@@ -335,6 +353,7 @@ def _write_metadata(
     options: ExportOptions,
     fusions: dict[str, int],
     source: str | None,
+    details: dict | None = None,
 ) -> None:
     meta = ModelMetadata(
         config=model.config.to_dict(),
@@ -357,6 +376,7 @@ def _write_metadata(
             "onnx_version": onnx.__version__,
             "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source": source,
+            **(details or {}),
         },
     )
     del proto.metadata_props[:]

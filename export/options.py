@@ -14,22 +14,22 @@ from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset (lower ones it down-converts, not always well)
 SUPPORTED_OPSETS = range(18, 21)  # 20: the newest that gptkit's oldest ONNX Runtime (1.17) loads
 DTYPES = ("fp32", "fp16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass
 class ExportOptions:
-    """How to export: opset, weight dtype, int8 quantisation, fusions and the KV-cache kind."""
+    """How to export: opset, weight dtype, int8/int4 quantisation, fusions and the KV-cache kind."""
 
     opset: int = DEFAULT_OPSET
     dtype: str = "fp32"  # fp16 halves the file and the KV cache (for GPUs)
-    quantize: str | None = None  # "int8": dynamic int8 MatMul weights (CPU)
+    quantize: str | None = None  # "int8": dynamic int8 MatMul weights; "int4": 4-bit blocks (CPU)
     optimize: bool = False  # save ONNX Runtime's transformer fusions into the file
     kv_cache: str = KV_CONCAT  # or KV_INPLACE: ONNX Runtime's GroupQueryAttention, in place
 
     @property
     def variant(self) -> str:
-        """The name parity tolerances are keyed by: fp32, fp16 or int8."""
+        """The name parity tolerances are keyed by: fp32, fp16, int8 or int4."""
         return self.quantize or self.dtype
 
     def validate(self) -> None:
@@ -42,12 +42,13 @@ class ExportOptions:
         if self.dtype not in DTYPES:
             raise ExportError(f"unknown dtype {self.dtype!r}; choose {' or '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise ExportError(f"unknown quantization {self.quantize!r}; the only one is int8")
+            choices = " or ".join(QUANTIZATIONS)
+            raise ExportError(f"unknown quantization {self.quantize!r}; choose {choices}")
         if self.kv_cache not in KV_CACHE_MODES:
             choices = " or ".join(KV_CACHE_MODES)
             raise ExportError(f"unknown KV cache {self.kv_cache!r}; choose {choices}")
         if self.dtype == "fp16" and self.quantize:
             raise ExportError(
-                "--dtype fp16 and --quantize int8 cannot be combined; int8 keeps fp32 "
-                "activations, so pick one"
+                f"--dtype fp16 and --quantize {self.quantize} cannot be combined; "
+                f"{self.quantize} keeps fp32 activations, so pick one"
             )

@@ -1,8 +1,8 @@
-"""Export variants: ONNX Runtime transformer fusions, int8 weights, fp16.
+"""Export variants: ONNX Runtime transformer fusions, int8 or int4 weights, fp16.
 
 Each takes and returns an ``onnx.ModelProto``. The exporter applies them after tracing in this
-order: optimize (fusion patterns are written for fp32 graphs), then int8 or fp16. The parity check
-that follows states each variant's tolerance (``export.parity.TOLERANCES``).
+order: optimize (fusion patterns are written for fp32 graphs), then int8, int4 or fp16. The parity
+check that follows states each variant's tolerance (``export.parity.TOLERANCES``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from pathlib import Path
 
 import onnx
 
-from export.graph_edits import sort_topologically, tie_embedding, untie_embedding
+from export.graph_edits import (
+    gather_from_nbits_head,
+    head_matmul,
+    sort_topologically,
+    tie_embedding,
+    untie_embedding,
+)
+from runtime.errors import ExportError
 
 # Ops that stay fp32 in the fp16 variant: normalisation statistics and softmax sums lose too much
 # precision (or overflow) in fp16 (ORT's own GPT-2 fp16 recipe keeps the same ops in fp32).
@@ -54,9 +61,209 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     The head gets its own copy of the (transposed) embedding first: quantised while tied, the
     embedding would be dequantised into the head at every step, which is slower than the fp32 head. The embedding Gather keeps its fp32 table.
     """
+    untie_embedding(proto)
+    return _quantize_dynamic_int8(proto)
+
+
+# int4 defaults, chosen by measurement (see the int4 section of the export docs / issue 15's note).
+INT4_BLOCK_SIZE = 128  # weights per scale along K; 32 is slower for little agreement gained
+INT4_SYMMETRIC = True  # no zero points: smaller, and as accurate here as asymmetric
+INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: much faster on CPUs with VNNI
+INT4_HEADS = ("tied", "untied", "int8")  # how the output head is stored (see quantize_int4)
+INT4_HEAD = "tied"
+MIN_NBITS_BLOCK = 16  # MatMulNBits' smallest block (a power of two >= 16)
+
+
+def quantize_int4(
+    proto: onnx.ModelProto,
+    *,
+    block_size: int = INT4_BLOCK_SIZE,
+    symmetric: bool = INT4_SYMMETRIC,
+    accuracy_level: int = INT4_ACCURACY_LEVEL,
+    head: str = INT4_HEAD,
+) -> tuple[onnx.ModelProto, dict]:
+    """4-bit block quantisation of the MatMul weights with ONNX Runtime's MatMulNBitsQuantizer.
+
+    Each MatMul with a constant [K, N] weight becomes a ``MatMulNBits`` (com.microsoft): blocks
+    of ``block_size`` weights along K share one fp32 scale (and, unless ``symmetric``, a 4-bit
+    zero point). ``accuracy_level`` 4 lets the kernel quantise the activations to int8 on the
+    fly (int8 dot products); 0 dequantises the weights and computes in fp32.
+
+    Small models: a matrix whose K is not a multiple of ``block_size`` (the ``tiny`` preset's 64)
+    gets the largest power-of-two block that divides K instead, and one with K not a multiple of
+    16 stays fp32, so a block never pads past the matrix.
+
+    The tied head: the quantizer only sees constant weights, and the head reads
+    Transpose(wte), so it is untied first. ``head`` then decides how it is stored:
+    ``tied`` 4-bit head, with the token lookup a GatherBlockQuantized over the same 4-bit bytes
+    (the embedding stored once, in 4 bits); ``untied`` 4-bit head next to the fp32 embedding;
+    ``int8`` the head as in ``--quantize int8`` (MatMulInteger) next to the fp32 embedding.
+    Returns the model and a summary for the export metadata.
+    """
+    quantizer_class = _nbits_quantizer()
+    if head not in INT4_HEADS:
+        raise ExportError(f"unknown int4 head {head!r}; choose {' or '.join(INT4_HEADS)}")
+    graph = proto.graph
+    for index, node in enumerate(graph.node):  # the quantizer selects nodes by name
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    tied = head_matmul(graph)
+    head_name = tied.name if tied is not None else None
+    weights = {i.name: i for i in graph.initializer}
+    head_k = None
+    if tied is not None:
+        transpose_input = next(n.input[0] for n in graph.node if tied.input[1] in n.output)
+        head_k = int(weights[transpose_input].dims[1])
+    if head_name is not None and head_k is not None and _nbits_block(head_k, block_size):
+        untie_embedding(proto)
+        weights = {i.name: i for i in graph.initializer}
+    else:
+        head_name = None  # left tied, fp32 (split into slices below like an fp32 export)
+    if head_name is not None and head == "int8":
+        proto = _quantize_dynamic_int8(proto, [head_name])
+        graph = proto.graph
+        weights = {i.name: i for i in graph.initializer}
+    blocks: dict[str, int] = {}
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            continue
+        block = _nbits_block(int(weight.dims[0]), block_size)
+        if block:
+            blocks[node.name] = block
+    with _quiet("root"), _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
+        for block in sorted(set(blocks.values())):
+            quantizer = quantizer_class(
+                proto,
+                block_size=block,
+                is_symmetric=symmetric,
+                accuracy_level=accuracy_level or None,
+                nodes_to_exclude=[name for name, b in blocks.items() if b != block],
+            )
+            quantizer.process()
+            proto = quantizer.model.model
+    graph = proto.graph
+    stored = "fp32 (tied)" if head_name is None else ("int8" if head == "int8" else "4-bit")
+    if head_name is not None and head == "tied":
+        nbits_head = next(n for n in graph.node if n.name == f"{head_name}_Q4")
+        if gather_from_nbits_head(proto, nbits_head):
+            stored = "4-bit, tied to a GatherBlockQuantized embedding"
+        else:
+            stored = "4-bit (embedding fp32: its blocks do not tile n_embd)"
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    summary = {
+        "block_size": block_size,
+        "symmetric": symmetric,
+        "accuracy_level": accuracy_level,
+        "head": stored,
+        "matmuls": len(blocks),
+        "block_sizes": sorted(set(blocks.values())),
+    }
+    return proto, summary
+
+
+def _nbits_block(k: int, block_size: int) -> int:
+    """The block for a K-row weight: ``block_size`` or the largest power of two below it that
+    divides K; 0 when none >= MIN_NBITS_BLOCK does (that weight stays fp32)."""
+    block = block_size
+    while block >= MIN_NBITS_BLOCK:
+        if k % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+def _nbits_quantizer():  # -> type[MatMulNBitsQuantizer]
+    """ONNX Runtime's MatMulNBitsQuantizer, or an ExportError saying which version has it.
+
+    The module appeared as ``matmul_nbits_quantizer`` in ONNX Runtime 1.20 (``matmul_4bits``
+    before); GatherBlockQuantized with packed uint8 data (the tied 4-bit embedding) is newer
+    still, so an ORT that cannot load a two-op probe graph is refused here, before any work.
+    """
+    import onnxruntime
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:  # the module calls logging.basicConfig(level=INFO) on import: undo that below
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError:
+        raise ExportError(
+            f"--quantize int4 needs ONNX Runtime's MatMulNBitsQuantizer (onnxruntime >= 1.20); "
+            f"this is onnxruntime {onnxruntime.__version__}: pip install -U onnxruntime"
+        ) from None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    problem = _int4_ops_problem()
+    if problem:
+        raise ExportError(
+            f"--quantize int4 needs MatMulNBits and GatherBlockQuantized with uint8 data, which "
+            f"onnxruntime {onnxruntime.__version__} cannot run ({problem}); "
+            "pip install -U onnxruntime (tested with 1.32)"
+        )
+    return MatMulNBitsQuantizer
+
+
+def _int4_ops_problem() -> str | None:
+    """Load and run a tiny graph with both ops the int4 export writes; None when that works."""
+    import numpy as np
+    import onnxruntime
+
+    helper, TP = onnx.helper, onnx.TensorProto
+    packed = onnx.numpy_helper.from_array(np.full((2, 1, 8), 0x88, np.uint8), "b")
+    scales = onnx.numpy_helper.from_array(np.ones((2, 1), np.float32), "s")
+    rows = onnx.numpy_helper.from_array(np.full((2, 8), 0x88, np.uint8), "rows")
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["rows", "ids", "s"],
+            ["x"],
+            domain="com.microsoft",
+            bits=4,
+            block_size=16,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "b", "s"],
+            ["y"],
+            domain="com.microsoft",
+            K=16,
+            N=2,
+            bits=4,
+            block_size=16,
+            accuracy_level=4,
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "int4_probe",
+        [helper.make_tensor_value_info("ids", TP.INT64, [1])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2])],
+        [packed, scales, rows],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    try:
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        session.run(None, {"ids": np.array([1], np.int64)})
+    except Exception as e:  # ORT raises several types for unknown ops and bad type bindings
+        return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _quantize_dynamic_int8(
+    proto: onnx.ModelProto, nodes: list[str] | None = None
+) -> onnx.ModelProto:
+    """Dynamic QInt8 (MatMulInteger) for every MatMul weight, or only the named MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    untie_embedding(proto)
     with tempfile.TemporaryDirectory() as tmp, _quiet("root"):
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, src)
@@ -64,6 +271,7 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
             src,
             dst,
             op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
             weight_type=QuantType.QInt8,
             per_channel=False,
             # fused contrib ops (after --optimize) have no type info the quantizer can read

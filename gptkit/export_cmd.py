@@ -68,7 +68,9 @@ ONNX_ONLY = {
     "--quantize",
     type=click.Choice(QUANTIZATIONS),
     default=_DEFAULTS.quantize,
-    help="Dynamic int8 quantisation of the MatMul weights (smaller and faster on CPU).",
+    help="int8: dynamic int8 MatMul weights (smaller and faster on CPU). int4: 4-bit blocks "
+    "(ONNX Runtime's MatMulNBits, the embedding stored once in 4 bits): smallest and fastest on "
+    "CPU, ONNX Runtime only.",
 )
 @click.option(
     "--optimize",
