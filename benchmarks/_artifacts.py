@@ -17,15 +17,18 @@ import _common as common
 from export.genai_export import write_genai_config
 from runtime import onnx_contract as contract
 
-# Exports made for each shape: directory -> (precision, ExportOptions.kv_cache). "fp32"/"int8" are
-# the default export (standard ONNX, the cache concatenated each step); "inplace-*" are
+# Exports made for each shape: directory -> (precision, ExportOptions.kv_cache). "fp32"/"int8"/"int4"
+# are the default export (standard ONNX, the cache concatenated each step); "inplace-*" are
 # ``--kv-cache inplace`` (ORT's GroupQueryAttention writing into a shared past/present buffer).
 ARTIFACTS = {
     "fp32": ("fp32", contract.KV_CONCAT),
     "int8": ("int8", contract.KV_CONCAT),
     "inplace-fp32": ("fp32", contract.KV_INPLACE),
     "inplace-int8": ("int8", contract.KV_INPLACE),
+    "int4": ("int4", contract.KV_CONCAT),
+    "inplace-int4": ("int4", contract.KV_INPLACE),
 }
+QUANTIZED = ("int8", "int4")  # precisions that are an ExportOptions.quantize
 
 
 def artifact_name(precision: str, kv_cache: str) -> str:
@@ -123,13 +126,15 @@ def _exporter_fingerprint() -> str:
 
 
 def _export(model, tokenizer, path: Path, precision: str, kv_cache: str) -> str:
-    """Export with gptkit's own exporter, as a user would (`gptkit export [--quantize int8]
+    """Export with gptkit's own exporter, as a user would (`gptkit export [--quantize int8|int4]
     [--kv-cache inplace]`); returns how, in words."""
     from export.onnx_export import ExportOptions, export_onnx
 
-    options = ExportOptions(quantize="int8" if precision == "int8" else None, kv_cache=kv_cache)
+    quantize = precision if precision in QUANTIZED else None
+    options = ExportOptions(quantize=quantize, kv_cache=kv_cache)
     export_onnx(model, tokenizer, path, options=options, source="benchmarks")
-    flag = f" --kv-cache {kv_cache}" if kv_cache != contract.KV_CONCAT else ""
+    flag = f" --quantize {quantize}" if quantize else ""
+    flag += f" --kv-cache {kv_cache}" if kv_cache != contract.KV_CONCAT else ""
     return f"gptkit export_onnx{flag}"
 
 

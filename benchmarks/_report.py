@@ -9,9 +9,21 @@ from _targets import targets_section
 
 from runtime import onnx_contract as contract
 
+# int4 exports (export.variants defaults): 4-bit weights plus one fp32 scale per 128-weight block.
+INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
+
 
 class Report(Results):
     """Renders every section: summary, every system, latency, memory, targets, machine, notes."""
+
+    def floor(self, shape: str, batch: int, precision: str) -> float:
+        """The bandwidth floor; int4's MatMul weights read INT4_BYTES_PER_WEIGHT bytes each
+        (``_common.WeightBytes`` knows fp32 and int8 only)."""
+        if precision != "int4":
+            return super().floor(shape, batch, precision)
+        wb = common.weight_bytes(self.data["shapes"][shape]["manifest"]["config"])
+        per_token = wb.matmul_params * INT4_BYTES_PER_WEIGHT + wb.other_params * 4
+        return batch * self.read_gbs * 1e9 / per_token
 
     def render(self) -> str:
         d = self.data
@@ -84,7 +96,7 @@ class Report(Results):
             'shared past/present buffer per layer. "Same file": onnxruntime-genai on the very file '
             'gptkit ran (share buffer off for the default export, on for the in-place one); "its '
             "faster file\": genai's better figure of the two exports of that precision. HF and "
-            "PyTorch run fp32 weights, and the numpy+ORT loop the default fp32 export, so int8 and "
+            "PyTorch run fp32 weights, and the numpy+ORT loop the default fp32 export, so int8, int4 and "
             "in-place rows compare against those fp32 baselines. The floor is bandwidth-only: "
             "batch × read bandwidth ÷ weight bytes per step (at batch 8 the CPU is compute-bound "
             "well before that).",
@@ -120,7 +132,7 @@ class Report(Results):
         lines += [
             "",
             "greedy = PyTorch: leading generated tokens identical to PyTorch eager fp32 (worst row of "
-            "the batch). Random-init logits are nearly flat, so int8 rounding flips near-ties early. "
+            "the batch). Random-init logits are nearly flat, so int8 and int4 rounding flip near-ties early. "
             "KV cache: for gptkit, the runtime session's own flag; for genai, the length of "
             f"{contract.PRESENT_KEY.format(0)} after one decode step (max_length = a shared buffer, prompt + 1 = "
             "concatenated), measured in the worker after the timed runs. Other load: cores kept "
@@ -234,8 +246,8 @@ class Report(Results):
         lines += [
             "",
             "Every file is made by gptkit's own `export.onnx_export.export_onnx` from the same "
-            "weights: fp32 and int8 are the default export (`ExportOptions(quantize=...)`), "
-            f'inplace-fp32 and inplace-int8 add `kv_cache="{contract.KV_INPLACE}"`. Each directory has its own '
+            "weights: fp32, int8 and int4 are the default export (`ExportOptions(quantize=...)`), "
+            f'the inplace-* ones add `kv_cache="{contract.KV_INPLACE}"`. Each directory has its own '
             "genai_config.json (past_present_share_buffer false for the default export, true for "
             "the in-place one).",
             "",

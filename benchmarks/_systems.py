@@ -43,6 +43,16 @@ SYSTEMS = {
         "gptkit runtime, `--kv-cache inplace` export (shared buffer)",
         "inplace-int8",
     ),
+    "genai-int4": ("onnxruntime-genai, type decoder, default export, share buffer off", "int4"),
+    "gptkit-int4": ("gptkit runtime, default export (concat cache)", "int4"),
+    "genai-inplace-int4": (
+        "onnxruntime-genai, type decoder, in-place export, past_present_share_buffer on",
+        "inplace-int4",
+    ),
+    "gptkit-inplace-int4": (
+        "gptkit runtime, `--kv-cache inplace` export (shared buffer)",
+        "inplace-int4",
+    ),
 }
 # gptkit system -> onnxruntime-genai on the same file
 SAME_FILE_GENAI = {
@@ -50,11 +60,14 @@ SAME_FILE_GENAI = {
     "gptkit-inplace": "genai-inplace",
     "gptkit-int8": "genai-int8",
     "gptkit-inplace-int8": "genai-inplace-int8",
+    "gptkit-int4": "genai-int4",
+    "gptkit-inplace-int4": "genai-inplace-int4",
 }
 # precision -> gptkit's variants of it (default export first)
 GPTKIT_VARIANTS = {
     "fp32": ("gptkit", "gptkit-inplace"),
     "int8": ("gptkit-int8", "gptkit-inplace-int8"),
+    "int4": ("gptkit-int4", "gptkit-inplace-int4"),
 }
 REFERENCE = "torch"  # greedy tokens of every system are compared with this one's
 

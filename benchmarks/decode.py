@@ -11,17 +11,20 @@ random-init (torch seed 0); decode speed does not depend on the values.
 
 Every system runs in its own fresh subprocess, so its peak RSS and cold start are its own:
 
-    gptkit, gptkit-int8   runtime.load(file, threads=2), Model.generate_tokens, on the default
-                          export (standard ONNX; the graph concatenates the cache), fp32 / int8
+    gptkit, gptkit-int8,  runtime.load(file, threads=2), Model.generate_tokens, on the default
+      gptkit-int4         export (standard ONNX; the graph concatenates the cache), fp32 / int8 /
+                          int4 (`--quantize int4`: MatMulNBits, needs ONNX Runtime)
     gptkit-inplace,       the same on the `--kv-cache inplace` export (ORT GroupQueryAttention;
-      gptkit-inplace-int8 the runtime binds one past/present buffer per layer, written in place)
+      gptkit-inplace-int8, the runtime binds one past/present buffer per layer, written in place)
+      gptkit-inplace-int4
     ortloop               a plain numpy + onnxruntime loop over the fp32 export (what the runtime adds)
     torch                 gpt_core.model.GPT, eager, with its KV cache (past_key_values)
     hf                    transformers GPT2LMHeadModel.generate(use_cache=True), same weights
-    genai, genai-int8     onnxruntime-genai (model type "decoder") on the default exports
-                          (past_present_share_buffer false)
+    genai, genai-int8,    onnxruntime-genai (model type "decoder") on the default exports
+      genai-int4          (past_present_share_buffer false)
     genai-inplace,        onnxruntime-genai on the in-place exports with past_present_share_buffer
-      genai-inplace-int8  true (one max_length buffer per layer, bound as both past and present)
+      genai-inplace-int8, true (one max_length buffer per layer, bound as both past and present)
+      genai-inplace-int4
 
 Each gptkit row is compared with genai on the same file. The summary and the targets use gptkit's
 faster variant (default or in-place export) per shape, batch and precision, and say which it is.
