@@ -3,24 +3,55 @@
 The CLI modules import at their top only click, the standard library and the torch-free modules
 whose defaults and choices their ``--help`` shows (``runtime.sampling``, ``export.options``,
 ``gpt_core.train_config``, ...), so every ``--help`` answers at once and ``gptkit run`` works where
-PyTorch is not installed. Each command imports its layer when it runs. Library errors (``GptkitError``) become one ``Error: ...``
-line and exit code 1; usage errors exit 2; no user mistake ends in a traceback.
+PyTorch is not installed. Each command imports its layer when it runs, and its own module only
+when it is used (``COMMANDS``), so `gptkit run` starts without what train and export import.
+Library errors (``GptkitError``) become one ``Error: ...`` line and exit code 1; usage errors
+exit 2; no user mistake ends in a traceback.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import click
 
 from gptkit import __version__
-from gptkit.export_cmd import export_command
-from gptkit.inspect_cmd import inspect_command
-from gptkit.run_cmd import run_command
-from gptkit.serve_cmd import serve_command
-from gptkit.train_cmd import train_command
 from runtime.errors import GptkitError
 from runtime.files import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "ROMEO:"
+
+# command -> the module that defines it, as ``<name>_command``. A command's module is imported
+# when the command is used, so `gptkit run` does not import what train and export need first.
+COMMANDS = {
+    "train": "gptkit.train_cmd",
+    "export": "gptkit.export_cmd",
+    "run": "gptkit.run_cmd",
+    "inspect": "gptkit.inspect_cmd",
+    "serve": "gptkit.serve_cmd",
+}
+
+
+class _LazyCommands(dict[str, Any]):
+    """``Group.commands`` whose values are imported on first access (names are known at once)."""
+
+    def __getitem__(self, name: str) -> click.Command:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            value = getattr(importlib.import_module(value), f"{name}_command")
+            super().__setitem__(name, value)
+        command: click.Command = value
+        return command
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self) -> Any:
+        return [self[name] for name in self]
+
+    def items(self) -> Any:
+        return [(name, self[name]) for name in self]
 
 
 class GptkitGroup(click.Group):
@@ -51,16 +82,13 @@ def cli(ctx: click.Context) -> None:
         "gptkit: train -> export -> run (Ctrl-C stops; `gptkit --help` lists the commands)",
         err=True,
     )
-    ctx.invoke(train_command)
-    ctx.invoke(export_command, output=DEFAULT_MODEL)
-    ctx.invoke(run_command, prompt=DEFAULT_PROMPT, model=DEFAULT_MODEL)
+    commands = cli.commands
+    ctx.invoke(commands["train"])
+    ctx.invoke(commands["export"], output=DEFAULT_MODEL)
+    ctx.invoke(commands["run"], prompt=DEFAULT_PROMPT, model=DEFAULT_MODEL)
 
 
-cli.add_command(train_command, "train")
-cli.add_command(export_command, "export")
-cli.add_command(run_command, "run")
-cli.add_command(inspect_command, "inspect")
-cli.add_command(serve_command, "serve")
+cli.commands = _LazyCommands(COMMANDS)
 
 
 def main() -> None:

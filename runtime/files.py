@@ -7,7 +7,6 @@ exports and the runtime's graph cache all write and place files the same way.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = "model.onnx"  # what `gptkit export` writes and `gptkit run` loads by default
@@ -29,6 +28,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
     A crash at any moment leaves either the old file or the new one, never half of either.
     """
+    import tempfile  # here, not at the top: loading a model never writes
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

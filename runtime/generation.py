@@ -108,39 +108,46 @@ class GenerationLoop:
         # the other rows draw, and row 0 of a batch samples exactly as the prompt would alone.
         self._rngs = [np.random.default_rng(s) for s in seeds]
         self.prefills = 0  # how many times the cache was (re)built; > 1 only when truncating
+        self._lengths = np.zeros(len(prompts), dtype=np.int64)  # mask.sum(axis=1), kept up
 
     def stop(self, row: int) -> None:
         self.done[row] = True
 
     def __iter__(self) -> Iterator[Token]:
         cfg = self._config
+        n_vocab, eot, want_logprobs = self._n_vocab, self._eot, self._logprobs
+        penalises, plain_greedy = cfg.penalises_generated, cfg.plain_greedy
+        rows, done, rngs = self.tokens, self.done, self._rngs
         logits, cache, mask = self._prefill(self._block)
         for step in range(self._max_new_tokens):
-            chosen = np.zeros(len(self.tokens), dtype=np.int64)
-            for b, row in enumerate(self.tokens):
-                if self.done[b]:
+            # Plain greedy: one argmax over the batch instead of one choose_token per row.
+            picks = _greedy_picks(logits, n_vocab) if plain_greedy else None
+            chosen = np.zeros(len(rows), dtype=np.int64)
+            for b, row in enumerate(rows):
+                if done[b]:
                     continue
-                generated = row[self.prompt_lengths[b] :] if cfg.penalises_generated else ()
+                generated = row[self.prompt_lengths[b] :] if penalises else ()
                 token = choose_token(
                     logits[b],
                     cfg,
-                    self._rngs[b],
-                    n_vocab=self._n_vocab,
+                    rngs[b],
+                    n_vocab=n_vocab,
                     context=row,
                     generated=generated,
+                    argmax=picks[b] if picks is not None else None,
                 )
                 logprob = None
-                if self._logprobs:
-                    logprob = float(log_softmax(logits[b, : self._n_vocab])[token])
+                if want_logprobs:
+                    logprob = float(log_softmax(logits[b, :n_vocab])[token])
                 row.append(token)
                 chosen[b] = token
-                if token == self._eot:
-                    self.done[b] = True
+                if token == eot:
+                    done[b] = True
                 yield Token(b, token, logprob)
-            if step == self._max_new_tokens - 1 or all(self.done):
+            if step == self._max_new_tokens - 1 or all(done):
                 return
-            active = ~np.array(self.done)
-            window_full = self._truncate and int(mask.sum(axis=1)[active].max()) >= self._block
+            active = ~np.array(done)
+            window_full = self._truncate and int(self._lengths[active].max()) >= self._block
             # An in-place cache holds `capacity` columns; finished rows' masked dummies widen
             # the mask too, so re-prefill (which drops them) before it overflows.
             cache_full = 0 < cache.capacity <= mask.shape[1]
@@ -164,6 +171,7 @@ class GenerationLoop:
             ids[b, width - len(window) :] = window
             mask[b, width - len(window) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        self._lengths = mask.sum(axis=1)  # tokens each row has in the cache (its next position)
         session = self._session
         # What this generation can reach: the window plus the tokens still to come (a whole
         # block when truncating, since it re-prefills whenever the window fills up).
@@ -176,10 +184,14 @@ class GenerationLoop:
         self, chosen: np.ndarray, active: np.ndarray, cache: KVCache, mask: np.ndarray
     ) -> tuple[np.ndarray, KVCache, np.ndarray]:
         """Feed each active row its new token; finished rows get a masked dummy at position 0."""
-        new = active.astype(np.int64)[:, None]  # [B, 1]
-        mask = np.concatenate([mask, new], axis=1)  # [B, P+1]
-        positions = (mask.sum(axis=1, keepdims=True) - 1) * new  # [B, 1]
-        logits, cache = self._session.run(chosen[:, None], mask, positions, cache)
+        new = active.astype(np.int64)  # [B]
+        mask = np.concatenate([mask, new[:, None]], axis=1)  # [B, P+1]
+        positions = self._lengths * new  # [B]: mask.sum(axis=1) - 1 after the new column
+        self._lengths = self._lengths + new
+        # The logits are read before the next step, so they may stay in the step's buffer.
+        logits, cache = self._session.run(
+            chosen[:, None], mask, positions[:, None], cache, reuse=True
+        )
         return logits[:, -1, :], cache, mask
 
 
@@ -207,6 +219,15 @@ def prefill(
         if on_logits is not None:
             on_logits(start, logits)
     return logits, cache
+
+
+def _greedy_picks(logits: np.ndarray, n_vocab: int) -> list[int | None]:
+    """Each row's argmax over the valid ids where it is finite, else None (a NaN or +inf:
+    choose_token deals with those): choose_token's greedy fast path, for the batch at once."""
+    valid = logits[:, :n_vocab]
+    tokens = valid.argmax(axis=1)  # NB: the first NaN if a row has one, as per row
+    finite = np.isfinite(valid[np.arange(len(tokens)), tokens])
+    return [t if ok else None for t, ok in zip(tokens.tolist(), finite.tolist(), strict=True)]
 
 
 class TextTracker:

@@ -11,9 +11,11 @@ reads them (through onnxruntime's ``custom_metadata_map``) and needs nothing els
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from runtime.errors import ModelFileError, TokenizerError
 from runtime.onnx_contract import KV_CONCAT
@@ -118,3 +120,67 @@ def _json_object(props: dict[str, str], key: str, source: str) -> dict[str, Any]
     if not isinstance(value, dict):
         raise ModelFileError(f"{source} metadata {key!r} is not a JSON object")
     return value
+
+
+# ModelProto's metadata_props field, a repeated StringStringEntryProto {1: key, 2: value}.
+_METADATA_PROPS = 14
+
+
+def read_props(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The ONNX file's ``metadata_props`` read straight from its protobuf, without onnxruntime.
+
+    Walks the top-level fields and seeks past the rest (the graph with its weights), so it costs
+    a few small reads however large the file. It lets loading build the tokenizer while ONNX
+    Runtime creates the session. None when the file cannot be read this way; the caller then
+    asks the session (which also gives the error for a file that is not ONNX).
+    """
+    props: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while f.tell() < size:
+                number, wire = divmod(_varint(f), 8)
+                if wire == 0:
+                    _varint(f)
+                elif wire in (1, 5):
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                elif wire == 2:
+                    length = _varint(f)
+                    if number != _METADATA_PROPS:
+                        f.seek(length, os.SEEK_CUR)
+                        continue
+                    key, value = _entry(f.read(length))
+                    props[key] = value
+                else:  # groups (wire types 3, 4) never appear in an ONNX model
+                    return None
+            if f.tell() != size:
+                return None
+    except (OSError, ValueError):
+        return None
+    return props
+
+
+def _varint(f: IO[bytes]) -> int:
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte or shift > 63:
+            raise ValueError("truncated or invalid varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+
+
+def _entry(data: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto's key and value."""
+    fields = {1: "", 2: ""}
+    f = io.BytesIO(data)
+    while f.tell() < len(data):
+        number, wire = divmod(_varint(f), 8)
+        if wire != 2:
+            raise ValueError("unexpected field in a metadata entry")
+        raw = f.read(_varint(f))
+        if number in fields:
+            fields[number] = raw.decode("utf-8")
+    return fields[1], fields[2]

@@ -206,13 +206,17 @@ def choose_token(
     n_vocab: int,
     context: Sequence[int] = (),
     generated: Sequence[int] = (),
+    argmax: int | None = None,
 ) -> int:
     """The next token id: always in [0, n_vocab), even for logits that are all -inf or NaN.
 
     Draws exactly one uniform number per sampled token (none when greedy), so a seeded generator
-    gives the same tokens whatever else runs in the process.
+    gives the same tokens whatever else runs in the process. ``argmax``: the argmax of the valid
+    logits when the caller already found it finite (the loop does a whole batch in one call).
     """
     if config.plain_greedy:
+        if argmax is not None:
+            return argmax
         valid = np.asarray(logits).reshape(-1)[:n_vocab]
         token = int(np.argmax(valid))  # NB: argmax returns the first NaN if there is one
         if valid.size and np.isfinite(valid[token]):  # so: no NaN, no +inf; nothing to process

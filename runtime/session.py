@@ -22,16 +22,18 @@ logits buffer and copies nothing else, so its cost no longer grows with a concat
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from runtime import graph_cache
-from runtime.errors import ConfigError, ModelFileError
-from runtime.metadata import ModelMetadata
+from runtime.errors import ConfigError, GptkitError, ModelFileError
+from runtime.metadata import ModelMetadata, read_props
 from runtime.onnx_contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -44,6 +46,7 @@ from runtime.onnx_contract import (
     present_names,
 )
 
+_T = TypeVar("_T")
 DEVICES = ("cpu", "cuda")
 OPTIMIZATION_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -132,19 +135,25 @@ class OnnxSession:
             options.log_severity_level = 3  # errors only: unused-initializer warnings are noise
             return options
 
-        session = None
-        if cache and providers == ["CPUExecutionProvider"] and optimization == "all":
-            if graph_cache.enabled(path):
-                session = graph_cache.open_session(path, make_options, providers)
-        self.cached = session is not None  # loaded through the optimised-graph cache
-        if session is None:
+        def make_session() -> tuple[ort.InferenceSession, bool]:
+            if cache and providers == ["CPUExecutionProvider"] and optimization == "all":
+                if graph_cache.enabled(path):
+                    session = graph_cache.open_session(path, make_options, providers)
+                    if session is not None:
+                        return session, True
             try:
-                session = ort.InferenceSession(str(path), make_options(), providers=providers)
+                return ort.InferenceSession(str(path), make_options(), providers=providers), False
             except Exception as e:  # onnxruntime raises its own types for unreadable files
                 reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                 raise ModelFileError(
                     f"{path} is not a readable ONNX model ({reason or type(e).__name__})"
                 ) from None
+
+        # ONNX Runtime releases the GIL while it creates the session (for GPT-2 most of a
+        # load), so the tokenizer is built from the file's metadata meanwhile.
+        session_result = _in_background(make_session)
+        metadata = _metadata_from_file(path)
+        session, self.cached = session_result()  # cached: through the optimised-graph cache
         self.session = session
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             if not allow_fallback:  # NB: ONNX Runtime itself falls back to CPU with only a warning
@@ -155,7 +164,7 @@ class OnnxSession:
         self.path = path
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
-        self.metadata = ModelMetadata.from_props(
+        self.metadata = metadata or ModelMetadata.from_props(
             self.session.get_modelmeta().custom_metadata_map, source=str(path)
         )
         # A shared past/present buffer needs IO binding; io_binding=False runs the same graph
@@ -254,8 +263,15 @@ class OnnxSession:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         cache: KVCache,
+        *,
+        reuse: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
-        """One forward pass: logits [B, T, V] as numpy, and the cache grown by T positions."""
+        """One forward pass: logits [B, T, V] as numpy, and the cache grown by T positions.
+
+        ``reuse=True``: a one-token step on an in-place cache may return its logits in the
+        cache's step buffer, which the next step on that cache overwrites (no copy: a caller
+        that reads them first, like the generation loop, saves B x vocab floats a step).
+        """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
@@ -266,7 +282,7 @@ class OnnxSession:
                 f"({input_ids.shape[0]}, {length})"
             )
         if cache.binding is not None:
-            return self._run_inplace(input_ids, attention_mask, position_ids, cache, length)
+            return self._run_inplace(input_ids, attention_mask, position_ids, cache, length, reuse)
         if not self.io_binding:
             feeds = {
                 INPUT_IDS: input_ids,
@@ -305,6 +321,7 @@ class OnnxSession:
         position_ids: np.ndarray,
         cache: KVCache,
         length: int,
+        reuse: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
         """A step on a shared buffer: the graph writes rows [P, P+T) of every cache buffer."""
         if length > cache.capacity:
@@ -338,7 +355,7 @@ class OnnxSession:
             self.session.run_with_iobinding(binding)
         except _ORT_ERRORS as e:
             raise self._run_failed(e) from None
-        if step is not None and logits is step.logits:
+        if not reuse and step is not None and logits is step.logits:
             logits = logits.copy()  # the buffer is rewritten by the next step
         cache = KVCache(cache.values, length, binding, cache.ort_values, cache.capacity, step)
         return logits, cache
@@ -350,6 +367,42 @@ class OnnxSession:
             f"onnxruntime failed running {self.path} ({reason or type(error).__name__}); the "
             "file does not match its metadata or is damaged: re-export it with `gptkit export`"
         )
+
+
+def _in_background(work: Callable[[], _T]) -> Callable[[], _T]:
+    """Start ``work`` on a thread now; the returned function waits and returns or raises."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as e:  # handed to the caller's thread
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, name="gptkit-load", daemon=True)
+    thread.start()
+
+    def result() -> _T:
+        thread.join()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        done: _T = value
+        return done
+
+    return result
+
+
+def _metadata_from_file(path: Path) -> ModelMetadata | None:
+    """The metadata read without a session, or None: the session's copy then decides, and
+    raises the usual error for a file that is not a (valid) gptkit export."""
+    props = read_props(path)
+    if props is None:
+        return None
+    try:
+        return ModelMetadata.from_props(props, source=str(path))
+    except GptkitError:
+        return None
 
 
 def _check_options(device: str, threads: int | None, optimization: str) -> None:

@@ -13,11 +13,11 @@ Two ways to get one:
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
-import hashlib
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,8 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """A short hash identifying the exact tokenization (for cache keys)."""
+        import hashlib  # here: loading OpenSSL is a visible part of a model's start
+
         return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
@@ -265,10 +267,15 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._n_vocab = tokenizer.n_vocab
+        self._token_bytes = tokenizer.encoding.decode_single_token_bytes
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
-        return self._decoder.decode(self._tokenizer.decode_bytes([token_id]))
+        # Once per generated token: one id's bytes directly, not a list through decode_bytes.
+        if not 0 <= token_id < self._n_vocab:
+            self._tokenizer.decode_bytes([token_id])  # raises its TokenizerError
+        return self._decoder.decode(self._token_bytes(token_id))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
@@ -277,11 +284,11 @@ class StreamDecoder:
 def _check_ranks(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
     # Special tokens may sit anywhere, not only after the ranks: a Hugging Face tokenizer trained
     # with special tokens puts <|endoftext|> at id 0, and an import must keep HF's ids.
-    if len(set(ranks.values())) != len(ranks):
+    taken = set(ranks.values())
+    if len(taken) != len(ranks):
         raise TokenizerError("tokenizer ranks must be distinct ids")
     if len(ranks) < 256 or any(bytes([b]) not in ranks for b in range(256)):
         raise TokenizerError("a byte-level tokenizer needs all 256 single bytes in its ranks")
-    taken = set(ranks.values())
     for token, token_id in special_tokens.items():
         if token_id in taken:
             raise TokenizerError(f"special token {token!r} reuses id {token_id}")
@@ -301,7 +308,22 @@ def _dump_ranks(ranks: dict[bytes, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What _dump_ranks writes: "base64 rank" lines. Text of this shape is parsed in bulk.
+_CANONICAL_RANKS = re.compile(r"(?:[A-Za-z0-9+/=]+ [0-9]+\n)*[A-Za-z0-9+/=]+ [0-9]+\n?")
+
+
 def _parse_ranks(text: str) -> dict[bytes, int]:
+    # Loading a model builds its tokenizer from here: a 50k-token file in one pass of C calls
+    # takes a fifth of the line-by-line loop below, which stays for anything else (and for the
+    # line number of an error). Both decode base64 as b64decode(validate=True) does.
+    if _CANONICAL_RANKS.fullmatch(text):
+        fields = text.split()
+        decode = binascii.a2b_base64
+        try:
+            tokens = [decode(token, strict_mode=True) for token in fields[0::2]]
+            return dict(zip(tokens, map(int, fields[1::2]), strict=True))
+        except ValueError:  # binascii.Error: let the loop say which line
+            pass
     ranks: dict[bytes, int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line:
@@ -319,6 +341,9 @@ def _parse_ranks(text: str) -> dict[bytes, int]:
 
 
 def _gpt2_cached() -> bool:
+    import hashlib
+    import tempfile
+
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
     if cache_dir is None:
         cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
