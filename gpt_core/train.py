@@ -83,7 +83,8 @@ def train(
         ``model_config`` must be the run's shape, and each RESUME_FIXED field of ``config`` set
         to something other than its TrainConfig default must equal the run's value (fields left
         at their defaults take the run's). The other fields (device, precision, compile,
-        threads, logging and samples) apply to the resumed session as given. The exception is
+        threads, logging and samples) apply to the resumed session as given (precision
+        ``auto`` keeps the precision the run trained in). The exception is
         the length (``max_steps``/``epochs``): another end past the current step continues the
         run there, finished or not, with the learning rate re-planned without a jump (cosine
         from the current rate to the floor at the new end: ``schedule.replan``) and a "replan"
@@ -211,6 +212,20 @@ def _build_tokenizer(config: TrainConfig, files: list[Path], dist: Distributed) 
     return Tokenizer.from_bytes(data)
 
 
+def _resumed_precision(state: dict[str, Any], device: torch.device, auto: str) -> str:
+    """``--precision auto`` on resume: the precision the run trained in, so it continues exactly.
+
+    Runs saved before the precision was recorded trained in what ``auto`` was then: fp32 except
+    on CUDA. A precision this device cannot run (fp16 saved on a GPU, resumed on a CPU) gives way
+    to this device's ``auto``.
+    """
+    saved = state.get("precision", "fp32" if device.type != "cuda" else auto)
+    try:
+        return schedule.resolve_precision(str(saved), device)
+    except ConfigError:
+        return auto
+
+
 class _Run:
     """One training session: everything the loop reads and updates, and the steps it takes."""
 
@@ -234,6 +249,8 @@ class _Run:
         schedule.set_threads(config.threads, dist)
         self.device = schedule.pick_device(config.device, dist.local_rank)
         self.precision = schedule.resolve_precision(config.precision, self.device)
+        if restored is not None and config.precision == "auto":
+            self.precision = _resumed_precision(restored.state, self.device, self.precision)
 
         # Tokenizer and model: from the run, from init_from, or new (seeded, so runs repeat).
         files = resolve_text_files(config.data) if config.data else [bundled_corpus_path()]
@@ -496,6 +513,7 @@ class _Run:
             "torch_rng": torch.get_rng_state(),
             "sampler_rng": self.sampler.get_state(),
             "train_config": self.saved_config,
+            "precision": self.precision,
         }
         if len(self.optimizers) > 1:
             state["muon"] = self.optimizers[1].state_dict()

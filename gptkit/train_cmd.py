@@ -123,7 +123,8 @@ def _help(text: str, default: object) -> str:
     "--precision",
     type=click.Choice(PRECISIONS),
     help=_help(
-        "auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU and MPS.",
+        "auto: bf16 on CUDA (fp16 without bf16) and on CPUs with native bf16 (AVX512-BF16, "
+        "AMX), else fp32; a resumed run keeps its own.",
         DEFAULTS["precision"],
     ),
 )

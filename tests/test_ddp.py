@@ -35,6 +35,7 @@ def run_config(corpus: Path, out: Path):
         sample_tokens=4,
         log_interval=1,
         threads=1,
+        precision="fp32",  # gradients compared across ranks; auto may pick bf16 on this CPU
     )
     return model, train
 

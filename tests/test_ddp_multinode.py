@@ -42,7 +42,8 @@ TRAIN = [
     *("--max-steps", str(STEPS), "--eval-interval", str(EVAL_INTERVAL), "--device", "cpu"),
     *("--data", "corpus.txt", "--config", "fast.json", "--out", "run"),
 ]
-FAST = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1, "threads": 1}
+# fp32: weights compared with a single process; auto may pick bf16 on this CPU.
+FAST = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1, "threads": 1, "precision": "fp32"}
 
 NO_GLOO = not torch.distributed.is_available() or not torch.distributed.is_gloo_available()
 

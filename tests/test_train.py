@@ -40,7 +40,7 @@ def model_config(tiny_config):
 
 
 def small(corpus: Path, out: Path, **changes) -> TrainConfig:
-    """A quick run: 300-id BPE, 8 x 32-token batches, 4 eval windows."""
+    """A quick run: 300-id BPE, 8 x 32-token batches, 4 eval windows, fp32."""
     fields = dict(
         data=[str(corpus)],
         out_dir=str(out),
@@ -53,6 +53,7 @@ def small(corpus: Path, out: Path, **changes) -> TrainConfig:
         warmup_steps=5,
         log_interval=5,
         threads=1,
+        precision="fp32",  # exact arithmetic comparisons; auto may pick bf16 on this CPU
     )
     return TrainConfig(**{**fields, **changes})
 

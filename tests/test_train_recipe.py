@@ -104,8 +104,10 @@ def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch) -> None:
     assert isinstance(schedule.cpu_has_native_bf16.__call__(), bool)
 
 
-def test_muon_wsd_run_resumes_bitwise(corpus, tmp_path, model_config) -> None:
-    recipe = dict(optimizer="muon", muon_lr=0.01, lr_schedule="wsd", decay_fraction=0.5)
+def test_muon_wsd_bf16_run_resumes_bitwise(corpus, tmp_path, model_config) -> None:
+    recipe = dict(
+        optimizer="muon", muon_lr=0.01, lr_schedule="wsd", decay_fraction=0.5, precision="bf16"
+    )
     straight = train(model_config, small(corpus, tmp_path / "straight", **recipe))
 
     def ctrl_c_at_step_7(event: Event) -> None:
