@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/train_throughput.py --shapes small-cpu --steps 5
 
 One training step = forward with loss, backward, gradient clipping, AdamW step, on the same
-random token batch, in fp32 on the CPU with 2 threads (override with --threads). The two models
+random token batch, on the CPU with 2 threads (override with --threads), in fp32 or, with
+``--precision bf16``, under bf16 autocast for both models (what `gptkit train` picks on CPUs with
+native bf16). The two models
 alternate step by step, so a neighbour's load hits both alike; the table shows the median step.
 A benchmark, not a test: it asserts nothing.
 """
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from gpt_core import schedule
 from gpt_core.config import GPTConfig
 from gpt_core.model import GPT
 
@@ -45,16 +48,17 @@ def hf_model(config: GPTConfig) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(hf_config)
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, hf: bool):
+def make_step(model: torch.nn.Module, x: torch.Tensor, hf: bool, precision: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     model.train()
 
     def step() -> float:
         t0 = time.perf_counter()
-        if hf:
-            loss = model(input_ids=x, labels=x).loss
-        else:
-            loss = model(x[:, :-1], x[:, 1:]).loss
+        with schedule.autocast(precision, torch.device("cpu")):
+            if hf:
+                loss = model(input_ids=x, labels=x).loss
+            else:
+                loss = model(x[:, :-1], x[:, 1:]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -64,15 +68,15 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, hf: bool):
     return step
 
 
-def measure(shape: str, steps: int) -> dict[str, float]:
+def measure(shape: str, steps: int, precision: str) -> dict[str, float]:
     batch, seq = WORKLOADS[shape]
     config = GPTConfig.preset(shape)
     config = config.replace(block_size=max(config.block_size, seq + 1))
     torch.manual_seed(0)
     # seq + 1 tokens: ours predicts x[1:] from x[:-1]; HF shifts internally, so both see `seq`
     x = torch.randint(0, config.vocab_size, (batch, seq + 1))
-    ours = make_step(GPT(config), x, hf=False)
-    theirs = make_step(hf_model(config), x[:, :seq], hf=True)
+    ours = make_step(GPT(config), x, hf=False, precision=precision)
+    theirs = make_step(hf_model(config), x[:, :seq], hf=True, precision=precision)
     ours(), theirs()  # warm-up: allocator, optimizer state
     times: dict[str, list[float]] = {"ours": [], "hf": []}
     for _ in range(steps):
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["small-cpu", "gpt2"], choices=WORKLOADS)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,13 +99,13 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{args.threads} threads, fp32, median of {args.steps} steps"
+        f"{args.threads} threads, {args.precision}, median of {args.steps} steps"
     )
     print("| shape | batch x seq | gptkit tokens/s | HF tokens/s | ours/HF |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:
         batch, seq = WORKLOADS[shape]
-        result = measure(shape, args.steps)
+        result = measure(shape, args.steps, args.precision)
         print(
             f"| {shape} | {batch} x {seq} | {result['ours']:,.0f} | {result['hf']:,.0f} | "
             f"{result['ours'] / result['hf']:.2f} |",
