@@ -9,20 +9,28 @@ from _targets import targets_section
 
 from runtime import onnx_contract as contract
 
-# int4 exports (export.variants defaults): 4-bit weights plus one fp32 scale per 128-weight block.
+# int4 exports (export.variants defaults): 4-bit weights plus one fp32 scale per 128-weight block,
+# the tied output head in 8-bit blocks.
 INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
+INT4_HEAD_BYTES_PER_WEIGHT = 1 + 4 / 128
 
 
 class Report(Results):
     """Renders every section: summary, every system, latency, memory, targets, machine, notes."""
 
     def floor(self, shape: str, batch: int, precision: str) -> float:
-        """The bandwidth floor; int4's MatMul weights read INT4_BYTES_PER_WEIGHT bytes each
+        """The bandwidth floor; int4's block MatMul weights and 8-bit head read the bytes above
         (``_common.WeightBytes`` knows fp32 and int8 only)."""
         if precision != "int4":
             return super().floor(shape, batch, precision)
-        wb = common.weight_bytes(self.data["shapes"][shape]["manifest"]["config"])
-        per_token = wb.matmul_params * INT4_BYTES_PER_WEIGHT + wb.other_params * 4
+        config = self.data["shapes"][shape]["manifest"]["config"]
+        wb = common.weight_bytes(config)
+        head = config["vocab_size"] * config["n_embd"]
+        per_token = (
+            (wb.matmul_params - head) * INT4_BYTES_PER_WEIGHT
+            + head * INT4_HEAD_BYTES_PER_WEIGHT
+            + wb.other_params * 4
+        )
         return batch * self.read_gbs * 1e9 / per_token
 
     def render(self) -> str:

@@ -157,21 +157,22 @@ def head_matmul(graph: onnx.GraphProto) -> onnx.NodeProto | None:
 
 
 def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool:
-    """Tie a 4-bit head and the embedding again: the token lookup becomes a GatherBlockQuantized
-    over the head's own MatMulNBits weight, and the fp32 embedding table is dropped.
+    """Tie a 4- or 8-bit head and the embedding again: the token lookup becomes a
+    GatherBlockQuantized over the head's own MatMulNBits weight, and the fp32 table is dropped.
 
-    MatMulNBits stores its [K=n_embd, N=vocab] weight as uint8 ``[vocab, k_blocks, block/2]``,
+    MatMulNBits stores its [K=n_embd, N=vocab] weight as uint8 ``[vocab, k_blocks, block*bits/8]``,
     blocks running along n_embd: row v is wte[v] quantised in blocks, so the same bytes (viewed
-    as ``[vocab, n_embd/2]``), scales ``[vocab, k_blocks]`` and packed zero points serve
-    GatherBlockQuantized (uint8 data, bits=4, quantize_axis=1). The file then holds the
-    embedding once, in 4 bits (onnxruntime-genai's builder ties int4 embeddings the same way).
-    Returns False (graph unchanged) when the head is not a 4-bit MatMulNBits whose blocks tile
-    n_embd exactly, or the lookup is not a plain Gather of wte.
+    as ``[vocab, n_embd*bits/8]``), scales ``[vocab, k_blocks]`` and packed zero points serve
+    GatherBlockQuantized (uint8 data, same bits, quantize_axis=1). The file then holds the
+    embedding once (onnxruntime-genai's builder ties int4 embeddings the same way). Returns
+    False (graph unchanged) when the head is not such a MatMulNBits whose blocks tile n_embd
+    exactly, or the lookup is not a plain Gather of wte.
     """
     graph = proto.graph
     wte = embedding_initializer(graph)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
-    if wte is None or head.op_type != "MatMulNBits" or attrs.get("bits", 4) != 4:
+    bits = int(attrs.get("bits", 4))
+    if wte is None or head.op_type != "MatMulNBits" or bits not in (4, 8):
         return False
     vocab, n_embd = wte.dims
     block = int(attrs["block_size"])
@@ -185,7 +186,7 @@ def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool
     if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
         return False
     shape = onnx.numpy_helper.from_array(
-        np.array([vocab, n_embd // 2], dtype=np.int64), "wte/nbits_shape"
+        np.array([vocab, n_embd * bits // 8], dtype=np.int64), "wte/nbits_shape"
     )
     graph.initializer.append(shape)
     rows = "wte/nbits_rows"
@@ -204,7 +205,7 @@ def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool
             list(gather.output),
             name="wte/GatherBlockQuantized",
             domain="com.microsoft",
-            bits=4,
+            bits=bits,
             block_size=block,
             gather_axis=0,
             quantize_axis=1,

@@ -65,12 +65,16 @@ def quantize_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     return _quantize_dynamic_int8(proto)
 
 
-# int4 defaults, chosen by measurement (see the int4 section of the export docs / issue 15's note).
-INT4_BLOCK_SIZE = 128  # weights per scale along K; 32 is slower for little agreement gained
-INT4_SYMMETRIC = True  # no zero points: smaller, and as accurate here as asymmetric
+# int4 defaults, chosen by measurement (issue 15; a trained small-cpu model against its fp32
+# export, random GPT-2 124M for speed): with the 8-bit head, blocks of 32 or asymmetric blocks
+# agree no better (argmax 0.991 / 0.991 vs 0.990) and 32 is slower and larger; accuracy_level 0
+# agrees the same and decodes about half as fast; a 4-bit head (tied or not) drops argmax
+# agreement to ~0.955 and greedy runs to a few tokens, where int8 keeps 0.993.
+INT4_BLOCK_SIZE = 128  # weights per scale along K
+INT4_SYMMETRIC = True  # no zero points: smaller, as accurate here as asymmetric
 INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: much faster on CPUs with VNNI
-INT4_HEADS = ("tied", "untied", "int8")  # how the output head is stored (see quantize_int4)
-INT4_HEAD = "tied"
+INT4_HEADS = ("tied", "tied8", "untied", "int8")  # how the output head is stored (see below)
+INT4_HEAD = "tied8"  # 8-bit head and embedding, stored once: int8's agreement, 4-bit body
 MIN_NBITS_BLOCK = 16  # MatMulNBits' smallest block (a power of two >= 16)
 
 
@@ -96,7 +100,8 @@ def quantize_int4(
     The tied head: the quantizer only sees constant weights, and the head reads
     Transpose(wte), so it is untied first. ``head`` then decides how it is stored:
     ``tied`` 4-bit head, with the token lookup a GatherBlockQuantized over the same 4-bit bytes
-    (the embedding stored once, in 4 bits); ``untied`` 4-bit head next to the fp32 embedding;
+    (the embedding stored once, in 4 bits); ``tied8`` the same with the head and embedding in
+    8-bit blocks (MatMulNBits bits=8); ``untied`` 4-bit head next to the fp32 embedding;
     ``int8`` the head as in ``--quantize int8`` (MatMulInteger) next to the fp32 embedding.
     Returns the model and a summary for the export metadata.
     """
@@ -123,33 +128,38 @@ def quantize_int4(
         proto = _quantize_dynamic_int8(proto, [head_name])
         graph = proto.graph
         weights = {i.name: i for i in graph.initializer}
-    blocks: dict[str, int] = {}
+    groups: dict[str, tuple[int, int]] = {}  # MatMul name -> (bits, block)
     for node in graph.node:
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2:
             continue
         block = _nbits_block(int(weight.dims[0]), block_size)
         if block:
-            blocks[node.name] = block
+            groups[node.name] = (8 if node.name == head_name and head == "tied8" else 4, block)
     with _quiet("root"), _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-        for block in sorted(set(blocks.values())):
+        for bits, block in sorted(set(groups.values())):
             quantizer = quantizer_class(
                 proto,
+                bits=bits,
                 block_size=block,
                 is_symmetric=symmetric,
                 accuracy_level=accuracy_level or None,
-                nodes_to_exclude=[name for name, b in blocks.items() if b != block],
+                # everything else waits for its own pass or stays fp32 (no block fits it)
+                nodes_to_exclude=[
+                    n.name for n in proto.graph.node if groups.get(n.name) != (bits, block)
+                ],
             )
             quantizer.process()
             proto = quantizer.model.model
     graph = proto.graph
     stored = "fp32 (tied)" if head_name is None else ("int8" if head == "int8" else "4-bit")
-    if head_name is not None and head == "tied":
-        nbits_head = next(n for n in graph.node if n.name == f"{head_name}_Q4")
+    if head_name is not None and head in ("tied", "tied8"):
+        bits = groups[head_name][0]
+        nbits_head = next(n for n in graph.node if n.name == f"{head_name}_Q{bits}")
         if gather_from_nbits_head(proto, nbits_head):
-            stored = "4-bit, tied to a GatherBlockQuantized embedding"
+            stored = f"{bits}-bit, tied to a GatherBlockQuantized embedding"
         else:
-            stored = "4-bit (embedding fp32: its blocks do not tile n_embd)"
+            stored = f"{bits}-bit (embedding fp32: its blocks do not tile n_embd)"
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     summary = {
@@ -157,8 +167,8 @@ def quantize_int4(
         "symmetric": symmetric,
         "accuracy_level": accuracy_level,
         "head": stored,
-        "matmuls": len(blocks),
-        "block_sizes": sorted(set(blocks.values())),
+        "matmuls": len(groups),
+        "block_sizes": sorted({block for _, block in groups.values()}),
     }
     return proto, summary
 
@@ -178,8 +188,9 @@ def _nbits_quantizer():  # -> type[MatMulNBitsQuantizer]
     """ONNX Runtime's MatMulNBitsQuantizer, or an ExportError saying which version has it.
 
     The module appeared as ``matmul_nbits_quantizer`` in ONNX Runtime 1.20 (``matmul_4bits``
-    before); GatherBlockQuantized with packed uint8 data (the tied 4-bit embedding) is newer
-    still, so an ORT that cannot load a two-op probe graph is refused here, before any work.
+    before); 8-bit MatMulNBits and GatherBlockQuantized over uint8 data (the tied head and
+    embedding) are newer still, so an ORT that cannot run a probe graph with those ops is
+    refused here, before any work (gptkit's minimum, 1.17, is; tested with 1.32).
     """
     import onnxruntime
 
@@ -198,7 +209,7 @@ def _nbits_quantizer():  # -> type[MatMulNBitsQuantizer]
     problem = _int4_ops_problem()
     if problem:
         raise ExportError(
-            f"--quantize int4 needs MatMulNBits and GatherBlockQuantized with uint8 data, which "
+            f"--quantize int4 needs MatMulNBits (4 and 8 bits) and GatherBlockQuantized, which "
             f"onnxruntime {onnxruntime.__version__} cannot run ({problem}); "
             "pip install -U onnxruntime (tested with 1.32)"
         )
@@ -211,28 +222,41 @@ def _int4_ops_problem() -> str | None:
     import onnxruntime
 
     helper, TP = onnx.helper, onnx.TensorProto
-    packed = onnx.numpy_helper.from_array(np.full((2, 1, 8), 0x88, np.uint8), "b")
-    scales = onnx.numpy_helper.from_array(np.ones((2, 1), np.float32), "s")
-    rows = onnx.numpy_helper.from_array(np.full((2, 8), 0x88, np.uint8), "rows")
-    nodes = [
+    packed4 = onnx.numpy_helper.from_array(np.full((16, 1, 8), 0x88, np.uint8), "b4")
+    packed8 = onnx.numpy_helper.from_array(np.full((2, 1, 16), 0x80, np.uint8), "b8")
+    scales4 = onnx.numpy_helper.from_array(np.ones((16, 1), np.float32), "s4")
+    scales8 = onnx.numpy_helper.from_array(np.ones((2, 1), np.float32), "s8")
+    rows = onnx.numpy_helper.from_array(np.full((2, 16), 0x80, np.uint8), "rows")
+    nodes = [  # what an int4 export writes: an 8-bit tied lookup, 4-bit and 8-bit MatMuls
         helper.make_node(
             "GatherBlockQuantized",
-            ["rows", "ids", "s"],
+            ["rows", "ids", "s8"],
             ["x"],
             domain="com.microsoft",
-            bits=4,
+            bits=8,
             block_size=16,
             gather_axis=0,
             quantize_axis=1,
         ),
         helper.make_node(
             "MatMulNBits",
-            ["x", "b", "s"],
+            ["x", "b4", "s4"],
+            ["h"],
+            domain="com.microsoft",
+            K=16,
+            N=16,
+            bits=4,
+            block_size=16,
+            accuracy_level=4,
+        ),
+        helper.make_node(
+            "MatMulNBits",
+            ["h", "b8", "s8"],
             ["y"],
             domain="com.microsoft",
             K=16,
             N=2,
-            bits=4,
+            bits=8,
             block_size=16,
             accuracy_level=4,
         ),
@@ -242,7 +266,7 @@ def _int4_ops_problem() -> str | None:
         "int4_probe",
         [helper.make_tensor_value_info("ids", TP.INT64, [1])],
         [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2])],
-        [packed, scales, rows],
+        [packed4, packed8, scales4, scales8, rows],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]

@@ -69,8 +69,8 @@ ONNX_ONLY = {
     type=click.Choice(QUANTIZATIONS),
     default=_DEFAULTS.quantize,
     help="int8: dynamic int8 MatMul weights (smaller and faster on CPU). int4: 4-bit blocks "
-    "(ONNX Runtime's MatMulNBits, the embedding stored once in 4 bits): smallest and fastest on "
-    "CPU, ONNX Runtime only.",
+    "(ONNX Runtime's MatMulNBits; the tied head and embedding in 8-bit blocks, stored once): "
+    "smallest and fastest on CPU, ONNX Runtime only.",
 )
 @click.option(
     "--optimize",
