@@ -57,6 +57,7 @@ from gpt_core.train_config import (
     RESUME_FIXED,
     TrainConfig,
     check_resume,
+    saved_recipe,
 )
 from gpt_core.train_events import Callback, Event, TrainResult
 from gpt_core.train_setup import build_tokenizer, estimate_loss, last_checkpoint, load_init_from
@@ -188,7 +189,7 @@ def _restore(
         checkpoint = last_checkpoint(run_dir)
         state = load_training_state(checkpoint)
         model, tokenizer = load_model(checkpoint)
-        saved = state.get("train_config", {})
+        saved = saved_recipe(state.get("train_config", {}))
         kept = check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
         loaded.append((model, tokenizer))
         return model.config.to_dict(), tokenizer.to_bytes() if dist.enabled else b"", state, kept
@@ -198,7 +199,7 @@ def _restore(
         model, tokenizer = loaded[0]
     else:
         model, tokenizer = GPT(GPTConfig.from_dict(shape)), Tokenizer.from_bytes(tokenizer_bytes)
-    saved = state.get("train_config", {})
+    saved = saved_recipe(state.get("train_config", {}))
     return dataclasses.replace(config, **kept), _Restored(model, tokenizer, state, saved)
 
 

@@ -28,8 +28,9 @@ DEFAULT_RUN_DIR = Path("runs") / "default"
 # to train on a laptop CPU while you watch.
 DEFAULT_PRESET = "small-cpu"
 # The length of a run that sets neither max_steps nor epochs: enough for the default preset to
-# write recognisable text on the bundled corpus, short enough to wait for on a CPU.
-DEFAULT_MAX_STEPS = 600
+# write recognisable text on the bundled corpus, short enough to wait for on a CPU (about 8-9
+# minutes on two cores with the default recipe: benchmarks/TRAINING.md).
+DEFAULT_MAX_STEPS = 700
 # Values of TrainConfig.device and TrainConfig.precision (gpt_core.schedule resolves "auto").
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -55,8 +56,10 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (over all DDP ranks)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3  # peak learning rate (AdamW's); small models take a large one
-    optimizer: str = "adamw"  # one of OPTIMIZERS: "muon" = Muon for the blocks' matrices
-    muon_lr: float = 2e-3  # Muon's peak rate (scaled per matrix to AdamW's update size)
+    # Muon for the blocks' matrices reaches the 600-step AdamW run's loss in about half the steps
+    # (benchmarks/TRAINING.md); "adamw" is the recipe before it.
+    optimizer: str = "muon"  # one of OPTIMIZERS
+    muon_lr: float = 0.012  # Muon's peak rate (scaled per matrix to AdamW's update size)
     lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     decay_fraction: float = 0.3  # "wsd": the last fraction of the run decays linearly
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
@@ -158,6 +161,20 @@ BEFORE_RECIPE_FIELDS = {
     "lr_schedule": "cosine",
     "decay_fraction": 0.3,
 }
+# The length of such a run when it set neither max_steps nor epochs (DEFAULT_MAX_STEPS then).
+BEFORE_RECIPE_MAX_STEPS = 600
+
+
+def saved_recipe(saved_train: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run's training fields, with what a run saved before the recipe fields ran with."""
+    if "optimizer" in saved_train:
+        return dict(saved_train)
+    filled = {**BEFORE_RECIPE_FIELDS, **saved_train}
+    if filled.get("max_steps") is None and filled.get("epochs") is None:
+        filled["max_steps"] = BEFORE_RECIPE_MAX_STEPS
+    return filled
+
+
 # The RESUME_FIXED fields that set the run's length. Asking a resumed run for another length is
 # no conflict: it continues to the new end with its learning-rate schedule re-planned
 # (``gpt_core.schedule.replan``); an end at or before the run's current step is refused by train().
@@ -181,7 +198,7 @@ def check_resume(
     returns the RESUME_FIXED values the resumed run takes: the run's, except that a length that
     differs from the run's is taken from ``config`` (both of its fields, as asked).
     """
-    saved_train = {**BEFORE_RECIPE_FIELDS, **saved_train}
+    saved_train = saved_recipe(saved_train)
     asked_model = {} if model_config is None else model_config.to_dict()
     asked_model.pop("vocab_size", None)
     defaults = TrainConfig()

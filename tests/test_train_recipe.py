@@ -137,8 +137,10 @@ def test_a_run_saved_before_the_recipe_fields_resumes_with_its_own_recipe(tmp_pa
     saved = {
         k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in BEFORE_RECIPE_FIELDS
     }
+    assert saved["max_steps"] is None and saved["epochs"] is None  # the default length then
     kept = check_resume(tmp_path, {}, saved, None, TrainConfig())
     assert {k: kept[k] for k in BEFORE_RECIPE_FIELDS} == BEFORE_RECIPE_FIELDS
+    assert kept["max_steps"] == 600  # that length, not today's DEFAULT_MAX_STEPS
     assert BEFORE_RECIPE_FIELDS["optimizer"] == "adamw"
     assert BEFORE_RECIPE_FIELDS["lr_schedule"] == "cosine"
 
