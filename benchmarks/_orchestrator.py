@@ -88,6 +88,7 @@ class Plan:
     work_dir: Path
     rebuild: bool
     genai_python: str | None
+    llama_cpp: str | None = None  # llama.cpp build directory (decode.py --llama-cpp)
     timeout: float = 900.0
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +112,9 @@ def run_benchmark(plan: Plan, log) -> dict:
             plan.notes.append(
                 f"{system}: skipped, onnxruntime_genai is not importable (see benchmarks/README.md)"
             )
+    llama = [s for s in plan.systems if s.startswith("llama-")]
+    if llama and plan.llama_cpp is None:
+        plan.notes.append(f"{', '.join(llama)}: skipped, no llama.cpp build (--llama-cpp DIR)")
     shapes = {}
     for shape in plan.shapes:
         log(f"[{shape}] preparing weights and exports in {plan.work_dir / shape} ...")
@@ -138,6 +142,8 @@ def run_benchmark(plan: Plan, log) -> dict:
                 python = pythons[system]
                 if python is None:
                     continue
+                if system.startswith("llama-") and (plan.llama_cpp is None or batch != 1):
+                    continue
                 spec = {
                     "system": system,
                     "manifest": manifest_path,
@@ -145,6 +151,7 @@ def run_benchmark(plan: Plan, log) -> dict:
                     "runs": plan.runs,
                     "probe": batch == 1,
                     "probe_repeats": plan.probe_repeats,
+                    "llama_cpp": plan.llama_cpp,
                 }
                 result = _spawn(python, ["--worker", json.dumps(spec)], plan.timeout)
                 result.update(system=system, batch=batch)

@@ -14,6 +14,7 @@ from pathlib import Path
 import _common as common
 import numpy as np
 from _artifacts import ARTIFACTS
+from _llamacpp import LLAMA_SYSTEMS
 
 from runtime import onnx_contract as contract
 
@@ -54,6 +55,11 @@ SYSTEMS = {
         "inplace-int4",
     ),
 }
+# llama-f32, llama-q8_0, llama-q4_0, llama-q4_K_M: llama.cpp's own programs on GGUF conversions of
+# the same weights (benchmarks/_llamacpp.py; only with decode.py --llama-cpp DIR, batch 1)
+SYSTEMS.update(LLAMA_SYSTEMS)
+# gptkit precision -> the llama.cpp row it is compared with
+LLAMA_PEER = {"fp32": "llama-f32", "int8": "llama-q8_0", "int4": "llama-q4_0"}
 # gptkit system -> onnxruntime-genai on the same file
 SAME_FILE_GENAI = {
     "gptkit": "genai",

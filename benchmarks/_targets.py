@@ -9,7 +9,14 @@ cache); gpt2 cold start under 1 s; peak RSS at most the weights' bytes + 150 MB.
 from __future__ import annotations
 
 from _results import Results, agreement
-from _systems import GPTKIT_VARIANTS, SAME_FILE_GENAI, SYSTEMS, precision_of, variant_of
+from _systems import (
+    GPTKIT_VARIANTS,
+    LLAMA_PEER,
+    SAME_FILE_GENAI,
+    SYSTEMS,
+    precision_of,
+    variant_of,
+)
 
 
 def targets_section(results: Results) -> list[str]:
@@ -115,7 +122,40 @@ def targets_section(results: Results) -> list[str]:
             r["peak_rss_mb"] <= size + 150,
         )
 
+    def vs_llama(factor: float):
+        """gptkit against llama.cpp's row of the same precision (LLAMA_PEER), same run."""
+
+        def measure(system: str):
+            peer = LLAMA_PEER[precision_of(system)]
+            mine, theirs = result("gpt2", system), result("gpt2", peer)
+            if not (mine and theirs and "decode_tok_s" in theirs):
+                return None
+            tok, ltok = mine["decode_tok_s"], theirs["decode_tok_s"]
+            return f"{tok / ltok:.2f}× {peer} ({tok:.1f} vs {ltok:.1f} tok/s)", tok >= factor * ltok
+
+        return measure
+
+    def rss_vs_llama(system: str):
+        r, theirs = measured("gpt2", system), result("gpt2", "llama-q8_0")
+        if not (theirs and "peak_rss_mb" in theirs):
+            return None
+        mine, peer = r["peak_rss_mb"], theirs["peak_rss_mb"]
+        return f"{mine:.0f} MB vs llama-q8_0 {peer:.0f} MB", mine <= peer
+
+    def cold_under(limit: float):
+        def measure(system: str):
+            seconds = measured("gpt2", system)["cold_start_s"]
+            return f"{seconds:.2f} s", seconds < limit
+
+        return measure
+
     if results.has("gpt2"):
+        add("gpt2 fp32 ≥ 1.0× llama.cpp f32", "gpt2", "fp32", vs_llama(1.0))
+        add("gpt2 int8 ≥ 1.1× llama.cpp q8_0", "gpt2", "int8", vs_llama(1.1))
+        add("gpt2 int4 ≥ 1.2× llama.cpp q4_0", "gpt2", "int4", vs_llama(1.2))
+        add("gpt2 fp32 cold start < 0.5 s", "gpt2", "fp32", cold_under(0.5))
+        add("gpt2 int8 cold start < 0.3 s", "gpt2", "int8", cold_under(0.3))
+        add("gpt2 int8 peak RSS ≤ llama.cpp q8_0's", "gpt2", "int8", rss_vs_llama)
         add("gpt2 fp32 decode ≥ 95 % of floor", "gpt2", "fp32", of_floor)
         add("gpt2 fp32 ≥ 1.15× genai fp32", "gpt2", "fp32", vs_genai("gpt2", 1.15))
         add(

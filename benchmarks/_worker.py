@@ -28,6 +28,10 @@ MAX_RUNS = 30  # ... but at most this many times
 def worker(spec: dict) -> dict:
     """Time ``spec["system"]`` on the workload: a cold-start run, then ``spec["runs"]`` or more
     timed generations, then (with ``spec["probe"]``) per-step latency by cache length."""
+    if spec["system"].startswith("llama-"):  # llama.cpp's own programs, each in its own process
+        import _llamacpp
+
+        return _llamacpp.worker(spec)
     started = time.time()
     manifest = json.loads(Path(spec["manifest"]).read_text())
     config = manifest["config"]

@@ -25,6 +25,9 @@ Every system runs in its own fresh subprocess, so its peak RSS and cold start ar
     genai-inplace,        onnxruntime-genai on the in-place exports with past_present_share_buffer
       genai-inplace-int8, true (one max_length buffer per layer, bound as both past and present)
       genai-inplace-int4
+    llama-f32, llama-q8_0, llama.cpp's llama-bench and llama-completion on GGUF conversions of the
+      llama-q4_0,         same weights (benchmarks/_llamacpp.py; batch 1; only with
+      llama-q4_K_M        --llama-cpp DIR, a llama.cpp build: see benchmarks/README.md)
 
 Each gptkit row is compared with genai on the same file. The summary and the targets use gptkit's
 faster variant (default or in-place export) per shape, batch and precision, and say which it is.
@@ -104,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         "--genai-python",
         help="interpreter with onnxruntime_genai (default: this one, then benchmarks/.venv-genai)",
     )
+    parser.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="llama.cpp build directory (bin/llama-completion, llama-bench, llama-quantize): adds "
+        "the llama-f32/q8_0/q4_0/q4_K_M rows at batch 1 (benchmarks/_llamacpp.py)",
+    )
     args = parser.parse_args(argv)
 
     unknown = set(args.systems) - set(SYSTEMS)
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         work_dir=args.work_dir,
         rebuild=args.rebuild,
         genai_python=args.genai_python,
+        llama_cpp=str(Path(args.llama_cpp).resolve()) if args.llama_cpp else None,
     )
     data = run_benchmark(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     report = Report(data).render()

@@ -28,9 +28,9 @@ DEFAULT_RUN_DIR = Path("runs") / "default"
 # to train on a laptop CPU while you watch.
 DEFAULT_PRESET = "small-cpu"
 # The length of a run that sets neither max_steps nor epochs: enough for the default preset to
-# write recognisable text on the bundled corpus, short enough to wait for on a CPU (about 8-9
+# write recognisable text on the bundled corpus, short enough to wait for on a CPU (about 9-10
 # minutes on two cores with the default recipe: benchmarks/TRAINING.md).
-DEFAULT_MAX_STEPS = 700
+DEFAULT_MAX_STEPS = 550
 # Values of TrainConfig.device and TrainConfig.precision (gpt_core.schedule resolves "auto").
 TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -59,7 +59,7 @@ class TrainConfig:
     # Muon for the blocks' matrices reaches the 600-step AdamW run's loss in about half the steps
     # (benchmarks/TRAINING.md); "adamw" is the recipe before it.
     optimizer: str = "muon"  # one of OPTIMIZERS
-    muon_lr: float = 0.012  # Muon's peak rate (scaled per matrix to AdamW's update size)
+    muon_lr: float = 0.006  # Muon's peak rate (scaled per matrix to AdamW's update size)
     lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     decay_fraction: float = 0.3  # "wsd": the last fraction of the run decays linearly
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio

@@ -202,7 +202,7 @@ def test_other_opsets(model, bpe_tokenizer, tmp_path, opset) -> None:
         (ExportOptions(opset=9), "opset 9 is not supported"),
         (ExportOptions(opset=21), "opset 21 is not supported"),
         (ExportOptions(dtype="bf16"), "unknown dtype"),
-        (ExportOptions(quantize="int4"), "unknown quantization"),
+        (ExportOptions(quantize="int3"), "unknown quantization"),
         (ExportOptions(dtype="fp16", quantize="int8"), "cannot be combined"),
     ],
 )

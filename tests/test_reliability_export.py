@@ -158,7 +158,7 @@ OPTION_CASES = [
     ("opset-negative", ["--opset", "-1"], ["opset -1 is not supported"], 1),
     ("fp16-plus-int8", ["--dtype", "fp16", "--quantize", "int8"], ["cannot be combined"], 1),
     ("dtype-fp8", ["--dtype", "fp8"], ["'fp8' is not one of"], 2),
-    ("quantize-int4", ["--quantize", "int4"], ["'int4' is not"], 2),
+    ("quantize-int3", ["--quantize", "int3"], ["'int3' is not"], 2),
 ]
 
 
