@@ -136,7 +136,7 @@ def run_recipe(name: str, seed: int, budget_s: float, work: Path) -> Run:
 
 
 _EVAL_LINE = re.compile(
-    r"^step (\d+): .* at (\d+):(\d\d)\n--- sample ---\n(.*?)\n-{14}$", re.M | re.S
+    r"^step (\d+): [^\n]* at (\d+):(\d\d)\n--- sample ---\n(.*?)\n-{14}$", re.M | re.S
 )
 
 
@@ -251,10 +251,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE / "TRAINING.md")
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument(
+        "--render", type=Path, metavar="WORK_DIR", help="write the report of a kept run again"
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, recipe in RECIPES.items():
             print(f"{name}: {recipe.about} {json.dumps(recipe.fields)}")
+        return
+    if args.render:
+        saved = json.loads((args.render / "runs.json").read_text())
+        if isinstance(saved, list):  # written before the budget and machine were kept
+            saved = {"budget_s": args.budget_min * 60, "machine": machine_info(), "runs": saved}
+        runs = [Run(**r) for r in saved["runs"]]
+        for run in runs:  # samples again from the logs, as this version parses them
+            log = args.render / f"{run.recipe}-seed{run.seed}.log"
+            run.samples = _samples(log.read_text(errors="replace"))
+        write(runs, saved["budget_s"], saved["machine"], args.out)
         return
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
@@ -275,11 +288,17 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             runs.append(run)
-    png = args.out.with_name("training_curve.png")
+    saved = {"budget_s": budget_s, "machine": machine, "runs": [r.__dict__ for r in runs]}
+    (work / "runs.json").write_text(json.dumps(saved, indent=1))
+    write(runs, budget_s, machine, args.out)
+    print(f"runs kept in {work} (--render {work} writes the report again)")
+
+
+def write(runs: list[Run], budget_s: float, machine: dict[str, Any], out: Path) -> None:
+    png = out.with_name("training_curve.png")
     plot(runs, png)
-    args.out.write_text(report(runs, budget_s, machine, png))
-    (work / "runs.json").write_text(json.dumps([r.__dict__ for r in runs], indent=1))
-    print(f"wrote {args.out} and {png} (runs kept in {work})")
+    out.write_text(report(runs, budget_s, machine, png))
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":
