@@ -61,7 +61,7 @@ class Recipe:
 
 
 RECIPES = {
-    "default": Recipe("`gptkit train` as shipped (no flags)"),
+    "default": Recipe("`gptkit train` as shipped"),
     "previous": Recipe("the recipe before issue 16: AdamW, cosine, fp32, 600 steps", PREVIOUS),
     "default-fp32": Recipe("the default with `--precision fp32`", {"precision": "fp32"}),
     "default-adamw": Recipe(
@@ -177,6 +177,20 @@ def plot(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def _native_bf16() -> str:
+    """The CPU flags that make `--precision auto` pick bf16 (gpt_core.schedule), or "no"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(found) or "no"
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -193,8 +207,14 @@ def report(runs: list[Run], budget_s: float, machine: dict[str, Any], png: Path)
         "within 3 minutes and <= 2.10 within 10.",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['simd']}), "
-        f"{machine['memory_gb']} GB; torch {machine['versions']['torch']}; load average at the "
-        f"start {' '.join(f'{x:.2f}' for x in machine['load_avg'])}.",
+        f"{machine['memory_gb']} GB; bf16 in hardware: {_native_bf16()}; "
+        f"torch {machine['versions']['torch']}; load average at the start "
+        + (
+            " ".join(f"{x:.2f}" for x in machine["load_avg"])
+            if machine["load_avg"]
+            else "not recorded (the runs had the machine to themselves)"
+        )
+        + ".",
         "",
         "| recipe | seed | steps | ended | best bits/char | by 3 min | by 10 min | "
         "min to 2.40 | min to 2.10 | train min | setup s |",
@@ -203,7 +223,7 @@ def report(runs: list[Run], budget_s: float, machine: dict[str, Any], png: Path)
     for run in runs:
         lines.append(
             f"| {run.recipe} | {run.seed} | {run.steps} | "
-            f"{'finished' if run.finished else 'budget'} | {run.best():.3f} | "
+            f"{'finished' if run.finished else 'budget'} | {run.best():.4f} | "
             f"{_fmt(run.bpc_by(180))} | {_fmt(run.bpc_by(600))} | "
             f"{_fmt(run.minutes_to(2.40), 1)} | {_fmt(run.minutes_to(2.10), 1)} | "
             f"{run.train_s / 60:.1f} | {run.setup_s:.0f} |"
@@ -262,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         saved = json.loads((args.render / "runs.json").read_text())
         if isinstance(saved, list):  # written before the budget and machine were kept
-            saved = {"budget_s": args.budget_min * 60, "machine": machine_info(), "runs": saved}
+            machine = {**machine_info(), "load_avg": None}
+            saved = {"budget_s": args.budget_min * 60, "machine": machine, "runs": saved}
         runs = [Run(**r) for r in saved["runs"]]
         for run in runs:  # samples again from the logs, as this version parses them
             log = args.render / f"{run.recipe}-seed{run.seed}.log"
