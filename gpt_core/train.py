@@ -292,7 +292,7 @@ class _Run:
             self.model,
             optimizer=config.optimizer,
             lr=config.lr,
-            muon_lr=config.muon_lr,
+            muon_lr=config.muon_peak_lr,
             weight_decay=config.weight_decay,
             betas=(config.beta1, config.beta2),
             device=self.device,

@@ -36,6 +36,8 @@ TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Values of TrainConfig.optimizer and TrainConfig.lr_schedule (gpt_core.schedule builds them).
 OPTIMIZERS = ("adamw", "muon")
+# muon_lr when none is given, as a multiple of lr (0.006 for the default 2e-3: the best measured).
+MUON_LR_RATIO = 3.0
 LR_SCHEDULES = ("cosine", "wsd")
 # Values of TrainConfig.log: where metrics go besides metrics.jsonl (gpt_core.tracking).
 TRACKERS = ("tensorboard",)
@@ -59,7 +61,9 @@ class TrainConfig:
     # Muon for the blocks' matrices reaches the 600-step AdamW run's loss in about half the steps
     # (benchmarks/TRAINING.md); "adamw" is the recipe before it.
     optimizer: str = "muon"  # one of OPTIMIZERS
-    muon_lr: float = 0.006  # Muon's peak rate (scaled per matrix to AdamW's update size)
+    # Muon's peak rate (scaled per matrix to AdamW's update size); None = MUON_LR_RATIO x lr, so
+    # a smaller --lr (fine-tuning) lowers both.
+    muon_lr: float | None = None
     lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     decay_fraction: float = 0.3  # "wsd": the last fraction of the run decays linearly
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
@@ -83,6 +87,11 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None = PyTorch's default (one per core)
     log: str | None = None  # also log to one of TRACKERS (metrics.jsonl is always written)
 
+    @property
+    def muon_peak_lr(self) -> float:
+        """Muon's peak rate: muon_lr, or MUON_LR_RATIO x lr when it is not given."""
+        return self.muon_lr if self.muon_lr is not None else MUON_LR_RATIO * self.lr
+
     def validate(self) -> None:
         """One-line ConfigErrors for wrong types and out-of-range values (from flags or JSON)."""
         for f in dataclasses.fields(self):
@@ -95,7 +104,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {kind}, got {value}")
         for name in ("lr", "muon_lr"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(
@@ -157,7 +166,7 @@ RESUME_FIXED = (
 # old run keeps its recipe even where today's default differs.
 BEFORE_RECIPE_FIELDS = {
     "optimizer": "adamw",
-    "muon_lr": 2e-3,
+    "muon_lr": None,
     "lr_schedule": "cosine",
     "decay_fraction": 0.3,
 }

@@ -21,6 +21,7 @@ from gpt_core.train_config import (
     DEFAULT_PRESET,
     DEFAULT_RUN_DIR,
     LR_SCHEDULES,
+    MUON_LR_RATIO,
     OPTIMIZERS,
     PRECISIONS,
     TRACKERS,
@@ -97,7 +98,7 @@ def _help(text: str, default: object) -> str:
     help=_help("muon: Muon for the blocks' matrices, AdamW for the rest.", DEFAULTS["optimizer"]),
 )
 @click.option(
-    "--muon-lr", type=float, help=_help("Muon's peak learning rate.", DEFAULTS["muon_lr"])
+    "--muon-lr", type=float, help=_help("Muon's peak learning rate.", f"{MUON_LR_RATIO:g} x --lr")
 )
 @click.option(
     "--lr-schedule",

@@ -43,7 +43,15 @@ TRAIN = [
     *("--data", "corpus.txt", "--config", "fast.json", "--out", "run"),
 ]
 # fp32: weights compared with a single process; auto may pick bf16 on this CPU.
-FAST = {"eval_windows": 4, "sample_tokens": 4, "log_interval": 1, "threads": 1, "precision": "fp32"}
+# AdamW: Muon's bf16 Newton-Schulz magnifies the all-reduce's rounding beyond the 1e-4 bound.
+FAST = {
+    "eval_windows": 4,
+    "sample_tokens": 4,
+    "log_interval": 1,
+    "threads": 1,
+    "precision": "fp32",
+    "optimizer": "adamw",
+}
 
 NO_GLOO = not torch.distributed.is_available() or not torch.distributed.is_gloo_available()
 
@@ -155,7 +163,8 @@ def test_two_nodes_match_one_process_and_resume_after_ctrl_c(
     run = straight[0] / "run"
     names = {p.name for p in run.iterdir()}
     assert {"best", "last", "metrics.jsonl", f"step-{STEPS:06d}"} <= names, names
-    assert all(name.startswith("step-") for name in names - {"best", "last", "metrics.jsonl"})
+    written = names - {"best", "last", "metrics.jsonl", "loss.png"}
+    assert all(name.startswith("step-") for name in written), names
     assert [row["step"] for row in _metrics(run)] == list(range(1, STEPS + 1))  # one writer
     assert not (straight[1] / "run").exists()  # rank 1 wrote (and read) no run directory
     assert (straight[1] / f"straight-{os.getpid()}.out").read_text() == ""  # nor printed

@@ -197,8 +197,12 @@ def test_resume_refuses_settings_that_disagree_with_the_run(
 
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path, model_config) -> None:
     config = model_config.replace(dropout=0.0)
-    big = train(config, small(corpus, tmp_path / "big", max_steps=4))
-    accum = train(config, small(corpus, tmp_path / "acc", max_steps=4, batch_size=2, grad_accum=4))
+    # AdamW: Muon's bf16 Newton-Schulz step magnifies the sums' rounding beyond 1e-5.
+    big = train(config, small(corpus, tmp_path / "big", max_steps=4, optimizer="adamw"))
+    accum = train(
+        config,
+        small(corpus, tmp_path / "acc", max_steps=4, batch_size=2, grad_accum=4, optimizer="adamw"),
+    )
     a, b = weights(big.model), weights(accum.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
