@@ -138,7 +138,7 @@ def verify_parity(
     finally:
         reference.train(was_training)
     produced = _runtime_greedy(runtime_session, prompt, n_tokens, cfg.vocab_size)
-    report.greedy_match = _common_prefix(expected[0, len(prompt) :].tolist(), produced)
+    report.greedy_match = common_prefix(expected[0, len(prompt) :].tolist(), produced)
     report.greedy_total = n_tokens
 
     for name, diff in report.max_diff.items():
@@ -180,7 +180,8 @@ def _runtime_greedy(
     return [token.id for token in loop]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two generations share (greedy agreement)."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -126,15 +126,6 @@ def greedy_ids(loaded: Any, prompt: list[int], n: int) -> list[int]:
     return [token.id for token in stream]
 
 
-def leading_equal(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def time_decode(loaded: Any, batch: int, runs: int) -> dict[str, float]:
     """Median decode tok/s and TTFT of ``runs`` greedy generations after one warm-up."""
     import numpy as np
@@ -167,6 +158,7 @@ def time_decode(loaded: Any, batch: int, runs: int) -> dict[str, float]:
 
 def check(args: argparse.Namespace) -> int:
     import runtime
+    from export.parity import common_prefix
     from gpt_core.checkpoint import load_model, resolve_checkpoint
 
     device = args.device
@@ -195,7 +187,7 @@ def check(args: argparse.Namespace) -> int:
             failed.append(f"{name}: parity")
 
         got = greedy_ids(loaded, prompt, n_greedy)
-        same = leading_equal(expected, got)
+        same = common_prefix(expected, got)
         print(f"  greedy vs fp32 reference on the CPU: {same}/{len(expected)} leading ids equal")
 
         timings = {}
