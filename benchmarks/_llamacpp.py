@@ -143,11 +143,13 @@ class LlamaBuild:
 # ---- the files ----------------------------------------------------------------------------------
 
 
-def find_converter(work_dir: Path, log: Log) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py with gptkit's pre-tokenizer patch: $GPTKIT_LLAMA_CONVERTER,
-    where .ci/run puts it, one already fetched into the work directory, else fetched there by
-    scripts/fetch_llama_converter.sh (the same search as benchmarks/serve.py)."""
-    candidates = [Path(os.environ[CONVERTER_ENV])] if os.environ.get(CONVERTER_ENV) else []
+def find_converter(work_dir: Path, log: Log, given: Path | None = None) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with gptkit's pre-tokenizer patch: ``given``,
+    $GPTKIT_LLAMA_CONVERTER, where .ci/run puts it, one already fetched into the work directory,
+    else fetched there by scripts/fetch_llama_converter.sh (benchmarks/serve.py uses it too)."""
+    candidates = [given] if given else []
+    if os.environ.get(CONVERTER_ENV):
+        candidates.append(Path(os.environ[CONVERTER_ENV]))
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     candidates += [
         tmp / "gptkit-llama-converter" / "convert_hf_to_gguf.py",
@@ -157,11 +159,18 @@ def find_converter(work_dir: Path, log: Log) -> Path:
         base = path.parent / "conversion" / "base.py"
         if path.is_file() and base.is_file() and CONVERTER_PATCH_MARK in base.read_text():
             return path
+    if given:
+        raise SystemExit(f"{given} is not llama.cpp's converter with gptkit's patch")
     dest = work_dir / "llama-converter"
     log(f"fetching llama.cpp's converter into {dest} (scripts/fetch_llama_converter.sh)")
     env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run(["bash", str(FETCH_CONVERTER), str(dest)], check=True, env=env)
     return dest / "convert_hf_to_gguf.py"
+
+
+def converted_stamp(manifest: dict[str, Any], converter: Path) -> str:
+    """What the converted (f32, q8_0) files were made from: the weights' stamp and the converter."""
+    return json.dumps({"stamp": manifest["stamp"], "converter": str(converter)}, sort_keys=True)
 
 
 def prepare_gguf(
@@ -172,15 +181,14 @@ def prepare_gguf(
     gguf_dir = Path(manifest["weights"]).parent / "gguf"
     paths = {t: gguf_dir / f"model-{t}.gguf" for t in (*CONVERTED, *QUANTIZED)}
     converter = find_converter(work_dir, log)
-    # The same stamp text as benchmarks/serve.py's for the converted files, so each reuses the other's.
-    stamp = json.dumps({"stamp": manifest["stamp"], "converter": str(converter)}, sort_keys=True)
+    stamp = converted_stamp(manifest, converter)  # serve.py's too: each reuses the other's files
     stamp_path = gguf_dir / "stamp.json"
     if not (
         stamp_path.is_file()
         and stamp_path.read_text() == stamp
         and all(paths[t].is_file() for t in CONVERTED)
     ):
-        _convert(manifest, converter, gguf_dir, {t: paths[t] for t in CONVERTED}, log)
+        convert(manifest, converter, {t: paths[t] for t in CONVERTED}, log)
         stamp_path.write_text(stamp)
     f32 = paths["f32"].stat()
     source = {"f32": stamp, "f32_size": f32.st_size, "f32_mtime_ns": f32.st_mtime_ns}
@@ -203,9 +211,9 @@ def prepare_gguf(
     return paths
 
 
-def _convert(
-    manifest: dict[str, Any], converter: Path, gguf_dir: Path, paths: dict[str, Path], log: Log
-) -> None:
+def convert(manifest: dict[str, Any], converter: Path, paths: dict[str, Path], log: Log) -> None:
+    """The manifest's weights through export_hf, then llama.cpp's converter to each outtype ->
+    path of ``paths`` (written beside, then renamed into place)."""
     import torch
     from _artifacts import bench_tokenizer
 
@@ -216,6 +224,7 @@ def _convert(
     config = manifest["config"]
     model = GPT(GPTConfig.from_dict(config)).eval()
     model.load_state_dict(torch.load(manifest["weights"], map_location="cpu", weights_only=True))
+    gguf_dir = next(iter(paths.values())).parent
     gguf_dir.mkdir(parents=True, exist_ok=True)
     hf_dir = gguf_dir / "hf"
     log(f"export_hf -> {hf_dir}")

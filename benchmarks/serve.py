@@ -67,6 +67,7 @@ from string import ascii_lowercase
 from typing import Any
 
 import _common as common  # first: pins the BLAS/OpenMP thread pools
+import _llamacpp
 import _machine
 import httpx
 import numpy as np
@@ -80,9 +81,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VENV_BIN = Path(sys.executable).parent  # gptkit's console script lives beside this interpreter
 EXAMPLE = ROOT / "benchmarks" / "thread_per_request_server.py"
-FETCH_CONVERTER = ROOT / "scripts" / "fetch_llama_converter.sh"
-CONVERTER_ENV = "GPTKIT_LLAMA_CONVERTER"
-CONVERTER_PATCH_MARK = "_gptkit_splits_like_gpt2"  # scripts/fetch_llama_converter.sh's patch
 
 SYSTEMS = ("gptkit", "gptkit-b1", "example", "llama")
 PRECISIONS = ("fp32", "int8")
@@ -667,38 +665,12 @@ async def _warm_up(server: Server, prompt: Prompt) -> None:
 # ---- llama.cpp ----------------------------------------------------------------------------------
 
 
-def find_converter(given: Path | None, work_dir: Path, log: Log) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py with gptkit's pre-tokenizer patch: --llama-converter,
-    $GPTKIT_LLAMA_CONVERTER, where .ci/run puts it, else fetched by
-    scripts/fetch_llama_converter.sh into the work directory."""
-    candidates = [given] if given else []
-    if os.environ.get(CONVERTER_ENV):
-        candidates.append(Path(os.environ[CONVERTER_ENV]))
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    candidates += [
-        tmp / "gptkit-llama-converter" / "convert_hf_to_gguf.py",
-        work_dir / "llama-converter" / "convert_hf_to_gguf.py",
-    ]
-    for path in candidates:
-        base = path.parent / "conversion" / "base.py"
-        if path.is_file() and base.is_file() and CONVERTER_PATCH_MARK in base.read_text():
-            return path
-    if given:
-        raise SystemExit(f"{given} is not llama.cpp's converter with gptkit's patch")
-    dest = work_dir / "llama-converter"
-    log(f"fetching llama.cpp's converter into {dest} (scripts/fetch_llama_converter.sh)")
-    env = {**os.environ, "PYTHON": sys.executable}
-    subprocess.run(["bash", str(FETCH_CONVERTER), str(dest)], check=True, env=env)
-    return dest / "convert_hf_to_gguf.py"
-
-
 def prepare_gguf(manifest: dict[str, Any], converter: Path, log: Log) -> dict[str, Path]:
     """GGUF f32 and q8_0 of the benchmark's weights (export_hf, then llama.cpp's converter),
-    cached beside the exports until the weights change."""
-    shape_dir = Path(manifest["weights"]).parent
-    gguf_dir = shape_dir / "gguf"
+    cached beside the exports until the weights change (the same files as decode.py's rows)."""
+    gguf_dir = Path(manifest["weights"]).parent / "gguf"
     paths = {t: gguf_dir / f"model-{t}.gguf" for t in LLAMA_TYPE.values()}
-    stamp = json.dumps({"stamp": manifest["stamp"], "converter": str(converter)}, sort_keys=True)
+    stamp = _llamacpp.converted_stamp(manifest, converter)
     stamp_path = gguf_dir / "stamp.json"
     if (
         stamp_path.is_file()
@@ -706,28 +678,7 @@ def prepare_gguf(manifest: dict[str, Any], converter: Path, log: Log) -> dict[st
         and all(p.is_file() for p in paths.values())
     ):
         return paths
-    import torch
-
-    from export.hf_export import export_hf
-    from gpt_core.config import GPTConfig
-    from gpt_core.model import GPT
-
-    config = manifest["config"]
-    model = GPT(GPTConfig.from_dict(config)).eval()
-    model.load_state_dict(torch.load(manifest["weights"], map_location="cpu", weights_only=True))
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    hf_dir = gguf_dir / "hf"
-    log(f"export_hf -> {hf_dir}")
-    export_hf(model, bench_tokenizer(config["vocab_size"]), hf_dir, verify=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    for outtype, path in paths.items():
-        log(f"convert_hf_to_gguf.py --outtype {outtype} -> {path}")
-        command = [sys.executable, str(converter), str(hf_dir), "--outtype", outtype]
-        proc = subprocess.run(
-            [*command, "--outfile", str(path)], capture_output=True, text=True, env=env
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}")
+    _llamacpp.convert(manifest, converter, paths, log)
     stamp_path.write_text(stamp)
     return paths
 
@@ -879,7 +830,7 @@ def run(plan: Plan, argv: list[str], log: Log) -> dict[str, Any]:
             )
         else:
             llama_version, llama_flags = llama_info(plan.llama_server)
-            converter = find_converter(plan.converter, plan.work_dir, log)
+            converter = _llamacpp.find_converter(plan.work_dir, log, given=plan.converter)
             gguf = prepare_gguf(manifest, converter, log)
     if "example" in plan.systems and not EXAMPLE.is_file():
         notes.append(f"example rows skipped: {EXAMPLE.relative_to(ROOT)} is not in this checkout")
@@ -1179,7 +1130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--llama-converter",
         type=Path,
-        help=f"convert_hf_to_gguf.py (default ${CONVERTER_ENV}, else fetched)",
+        help=f"convert_hf_to_gguf.py (default ${_llamacpp.CONVERTER_ENV}, else fetched)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "SERVE.md", help="markdown report")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
