@@ -189,7 +189,7 @@ def _restore(
         checkpoint = last_checkpoint(run_dir)
         state = load_training_state(checkpoint)
         model, tokenizer = load_model(checkpoint)
-        saved = saved_recipe(state.get("train_config", {}))
+        saved = state.get("train_config", {})  # check_resume fills what older runs lack
         kept = check_resume(run_dir, model.config.to_dict(), saved, model_config, config)
         loaded.append((model, tokenizer))
         return model.config.to_dict(), tokenizer.to_bytes() if dist.enabled else b"", state, kept
