@@ -38,6 +38,7 @@ import torch
 from onnxscript.values import Op, Opset
 from torch.nn import functional as F
 
+from gpt_core.model import GPT
 from runtime.errors import ExportError
 
 GQA_OP = "GroupQueryAttention"
@@ -171,75 +172,80 @@ TRANSLATION: dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
-# ---- a quantized KV cache (int8 / int4) ---------------------------------------------------------
+# ---- an int8 KV cache (`--kv-cache-dtype int8`) ------------------------------------------------
 #
-# GroupQueryAttention can hold its cache as int8, or as int4 packed two per byte in uint8
-# (attributes k_quant_type / v_quant_type / kv_cache_bit_width, inputs k_scale / v_scale): it
-# quantizes the new keys/values with the given static scales as it writes them and dequantizes in
-# its QK and SV products. ONNX Runtime's CPU kernel has it from 1.27.0 (1.25 and 1.26 know the
-# attributes but their CPU kernel registers float caches only: the session loads, the first run
-# fails with a type error); the CUDA kernel takes an int8 cache with fp16/bf16 activations (int4
-# and float8 only in builds with USE_INT4_KV_CACHE / USE_FP8_KV_CACHE). The scales are per channel
-# (one per head and head dimension, as KIVI does for keys) from a calibration forward pass.
+# GroupQueryAttention can hold its cache as int8 (attributes k_quant_type / v_quant_type /
+# kv_cache_bit_width, inputs k_scale / v_scale): it quantizes the new keys/values with the given
+# static scales as it writes them and dequantizes in its QK and SV products. ONNX Runtime's CPU
+# kernel has it from 1.27.0 (runtime.session.KV_QUANT_MIN_ORT); the CUDA kernel wants fp16/bf16
+# activations with it, so it is a CPU option here. The scales are per channel (one per head and
+# head dimension, as KIVI does for keys) from a calibration forward pass. The op also takes int4
+# (packed two per byte); on random GPT-2 124M weights that moved logits by up to 2.0 (int8: 0.085),
+# so it is not offered.
 
-KV_QUANT_BITS = (8, 4)
-KV_QUANT_MIN_ORT = (1, 27)  # the first onnxruntime whose CPU GroupQueryAttention takes int8/int4
 KV_QUANT_TYPE = "PER_CHANNEL"
+KV_INT8_LEVELS = 127.0  # the largest int8 magnitude
+# Each channel's range is twice its calibrated maximum: other text reaches past what 256 tokens
+# showed (1.5-1.9x on random weights), and saturating there cost a trained small-cpu model up to
+# 0.75 in a logit and 1.6 % of its argmaxes; 1.5x-3x all kept greedy agreement (see parity.py).
+KV_CALIBRATION_HEADROOM = 2.0
 _K_SCALE_INPUT = 12  # GroupQueryAttention's input index of k_scale (v_scale follows)
 
 
-def ort_supports_kv_quant(version: str) -> bool:
-    """Whether an onnxruntime of this version runs a quantized GroupQueryAttention cache on CPU."""
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts) >= KV_QUANT_MIN_ORT
+def calibration_ids(model: GPT, seed: int = 0) -> torch.Tensor:
+    """(2, block_size) ids that reach every position: random tokens, and text the model samples
+    itself from one random token (its own keys and values at every position, on its own kind of
+    input: no corpus needs to travel with a checkpoint)."""
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)
+    random_row = torch.randint(0, cfg.vocab_size, (1, cfg.block_size), generator=generator)
+    with torch.no_grad():
+        sampled = model.generate(
+            random_row[:, :1], cfg.block_size - 1, temperature=1.0, generator=generator
+        )
+    return torch.cat([random_row, sampled[:, : cfg.block_size]])
 
 
-def kv_cache_scales(
-    model: torch.nn.Module, ids: torch.Tensor, bits: int = 8
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kv_cache_scales(model: GPT, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (k_scale, v_scale), each (1, n_head, 1, head_dim) float32: the absolute maximum
-    of every key/value channel over a calibration forward pass of ``ids`` (B, T), divided by the
-    largest quantized magnitude (127 for int8, 7 for int4). Values beyond it saturate."""
-    if bits not in KV_QUANT_BITS:
-        raise ExportError(f"a quantized KV cache has {' or '.join(map(str, KV_QUANT_BITS))} bits")
-    levels = 127.0 if bits == 8 else 7.0
+    of every key/value channel over a forward pass of ``ids`` (B, T), times the headroom, over
+    127. Values beyond that saturate."""
     with torch.no_grad():
         out = model(ids, use_cache=True)
     scales = []
     for key, value in out.past_key_values:
         pair = tuple(
-            (t.float().abs().amax(dim=(0, 2), keepdim=True) / levels).clamp_min(1e-8)
+            (t.float().abs().amax(dim=(0, 2), keepdim=True) * KV_CALIBRATION_HEADROOM)
+            .div(KV_INT8_LEVELS)
+            .clamp_min(1e-8)
             for t in (key, value)
         )
         scales.append((pair[0], pair[1]))
     return scales
 
 
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """The initializers holding a layer's key and value scales."""
+    return f"kv_scale.{layer}.key", f"kv_scale.{layer}.value"
+
+
 def quantize_kv_cache(
-    proto: onnx.ModelProto, scales: list[tuple[torch.Tensor, torch.Tensor]], bits: int = 8
+    proto: onnx.ModelProto, scales: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> onnx.ModelProto:
-    """Turn an in-place export's fp32/fp16 cache into an int8 (or packed int4) one, in place.
+    """Turn an in-place export's fp32 cache into an int8 one, in place.
 
     Every GroupQueryAttention node gets the quantization attributes and its layer's scales (as
-    initializers ``kv_scale.{i}.key|value``); every ``past_key_values.*`` input and ``present.*``
-    output becomes int8 (bits=8) or uint8 with head_dim / 2 (bits=4). Nothing else in the graph
-    reads the cache. The file's ``gptkit.export`` metadata records ``kv_cache_bits``.
+    initializers :func:`kv_scale_names`); every ``past_key_values.*`` input and ``present.*``
+    output becomes int8. Nothing else in the graph reads the cache.
     """
-    import json
-
     from onnx import TensorProto, helper, numpy_helper
 
-    if bits not in KV_QUANT_BITS:
-        raise ExportError(f"a quantized KV cache has {' or '.join(map(str, KV_QUANT_BITS))} bits")
     graph = proto.graph
     nodes = [n for n in graph.node if n.op_type == GQA_OP and n.domain == GQA_DOMAIN]
     if len(nodes) != len(scales):
         raise ExportError(f"{len(nodes)} GroupQueryAttention nodes but {len(scales)} scale pairs")
     for layer, (node, pair) in enumerate(zip(nodes, scales, strict=True)):
-        names = [f"kv_scale.{layer}.key", f"kv_scale.{layer}.value"]
+        names = kv_scale_names(layer)
         for name, scale in zip(names, pair, strict=True):
             array = scale.detach().to(torch.float32).cpu().numpy()
             graph.initializer.append(numpy_helper.from_array(array, name))
@@ -254,23 +260,10 @@ def quantize_kv_cache(
             [
                 helper.make_attribute("k_quant_type", KV_QUANT_TYPE),
                 helper.make_attribute("v_quant_type", KV_QUANT_TYPE),
-                helper.make_attribute("kv_cache_bit_width", bits),
+                helper.make_attribute("kv_cache_bit_width", 8),
             ]
         )
-    elem = TensorProto.INT8 if bits == 8 else TensorProto.UINT8
     for value in [*graph.input, *graph.output]:
-        if not value.name.startswith(("past_key_values.", "present.")):
-            continue
-        tensor = value.type.tensor_type
-        tensor.elem_type = elem
-        if bits == 4:
-            head_dim = tensor.shape.dim[3]
-            if not head_dim.dim_value or head_dim.dim_value % 2:
-                raise ExportError("a 4-bit KV cache needs an even, fixed head size")
-            head_dim.dim_value //= 2
-    for prop in proto.metadata_props:
-        if prop.key == "gptkit.export":
-            export = json.loads(prop.value)
-            export["kv_cache_bits"] = bits
-            prop.value = json.dumps(export, sort_keys=True)
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
     return proto

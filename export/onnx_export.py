@@ -38,7 +38,14 @@ from export.graph_edits import (
     strip_exporter_extras,
     tie_embedding,
 )
-from export.inplace_cache import GQA_OP, TRANSLATION, FusedAttention
+from export.inplace_cache import (
+    GQA_OP,
+    TRANSLATION,
+    FusedAttention,
+    calibration_ids,
+    kv_cache_scales,
+    quantize_kv_cache,
+)
 from export.options import ExportOptions
 from export.parity import ParityReport, verify_parity
 from export.variants import optimize, quantize_int4, quantize_int8, to_fp16
@@ -195,6 +202,19 @@ def build_graph(
         notes.append("fp16: weights and KV cache fp16; LayerNorm, Softmax and logits fp32")
     else:
         split_head(proto)  # fp32: a quarter of the load-time memory peak the head costs
+    if options.kv_cache_dtype == "int8":
+        reference = fp32_cpu(model)
+        was_training = reference.training
+        reference.eval()
+        try:
+            ids = calibration_ids(reference)
+            proto = quantize_kv_cache(proto, kv_cache_scales(reference, ids))
+        finally:
+            reference.train(was_training)
+        notes.append(
+            f"int8 KV cache: per-channel scales from {ids.shape[0]} x {ids.shape[1]} calibration "
+            "tokens (random ids, and text the model sampled itself)"
+        )
     return proto, notes, fusions, details
 
 
@@ -364,7 +384,7 @@ def _write_metadata(
             "logits": LOGITS_ALL,
             "opset": options.opset,
             "dtype": options.dtype,
-            "kv_dtype": options.dtype,
+            "kv_dtype": options.kv_cache_dtype or options.dtype,
             "quantize": options.quantize,
             "optimize": options.optimize,
             "fusions": fusions,

@@ -28,6 +28,9 @@ from runtime.session import OnnxSession
 # 124M weights (presents 0.74): 2.0 leaves ~2.4x margin over the worst while still catching a
 # broken graph (wrong weights or cache give differences of the logits' own size).
 TOLERANCES = {"fp32": 1e-4, "fp16": 0.2, "int8": 1.0, "int4": 2.0}
+# An int8 KV cache (`--kv-cache-dtype int8`) on any weights: presents are compared dequantized.
+# TODO measured
+KV_INT8_TOLERANCE = 0.5
 
 
 @dataclass
@@ -81,7 +84,14 @@ def verify_parity(
     (unless told not to).
     """
     cfg = model.config
+    # A staging file is checked once: nothing to keep in the optimised-graph cache.
+    concat = OnnxSession(onnx_path, cache=False, io_binding=False)
     tolerance = TOLERANCES[variant]
+    scales = None
+    if concat.kv_dtype == np.int8:
+        scales = _kv_scales(onnx_path, cfg.n_layer)
+        tolerance = max(tolerance, KV_INT8_TOLERANCE)
+        variant = f"{variant}, int8 KV cache"
     report = ParityReport(variant=variant, tolerance=tolerance)
     rng = np.random.default_rng(seed)
     prompt_len = max(1, min(prompt_len, cfg.block_size - decode_steps - 1))
@@ -91,13 +101,12 @@ def verify_parity(
     mask = np.ones((batch, prompt_len), dtype=np.int64)
     if batch > 1:
         mask[-1, : prompt_len // 3] = 0  # left padding on the last row
-    # A staging file is checked once: nothing to keep in the optimised-graph cache.
-    concat = OnnxSession(onnx_path, cache=False, io_binding=False)
-    steppers = {"": _Stepper(concat, batch, prompt_len + decode_steps)}
+    steppers = {"": _Stepper(concat, batch, prompt_len + decode_steps, scales)}
     runtime_session = concat  # what the runtime decodes with on the CPU
     if concat.metadata.kv_cache == KV_INPLACE:  # the runtime's path: one buffer, written in place
         runtime_session = OnnxSession(onnx_path, cache=False)
-        steppers[", shared buffer"] = _Stepper(runtime_session, batch, prompt_len + decode_steps)
+        capacity = prompt_len + decode_steps
+        steppers[", shared buffer"] = _Stepper(runtime_session, batch, capacity, scales)
     torch_past = None
     agree, total = 0, 0
     new_ids = ids
@@ -153,18 +162,45 @@ def verify_parity(
 
 
 class _Stepper:
-    """Runs the graph step by step on its own cache, as the runtime does; presents as numpy."""
+    """Runs the graph step by step on its own cache, as the runtime does; presents as numpy
+    (an int8 cache dequantized with its scales)."""
 
-    def __init__(self, session: OnnxSession, batch: int, capacity: int) -> None:
+    def __init__(
+        self,
+        session: OnnxSession,
+        batch: int,
+        capacity: int,
+        scales: list[np.ndarray] | None = None,
+    ) -> None:
         self.session = session
         self.cache = session.empty_cache(batch, capacity=capacity)
+        self.scales = scales
 
     def __call__(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         logits, self.cache = self.session.run(input_ids, attention_mask, position_ids, self.cache)
         length = self.cache.length
-        return logits, [np.asarray(value)[:, :, :length] for value in self.cache.values]
+        presents = [np.asarray(value)[:, :, :length] for value in self.cache.values]
+        if self.scales is not None:
+            presents = [p * s for p, s in zip(presents, self.scales, strict=True)]
+        return logits, presents
+
+
+def _kv_scales(onnx_path: str | os.PathLike[str], n_layer: int) -> list[np.ndarray]:
+    """An int8 cache's scales, in ``past_key_values.*`` order, from the file's initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.inplace_cache import kv_scale_names
+
+    wanted = [name for layer in range(n_layer) for name in kv_scale_names(layer)]
+    graph = onnx.load(str(onnx_path)).graph
+    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in wanted}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise ParityError(f"{onnx_path} has an int8 KV cache but no scale {missing[0]}")
+    return [found[name].astype(np.float32) for name in wanted]
 
 
 def _runtime_greedy(

@@ -58,6 +58,11 @@ class ModelMetadata:
         return int(self.config["vocab_size"])
 
     @property
+    def kv_dtype(self) -> str:
+        """The cache's element type: the activations' (fp32, fp16) or a quantized one (int8)."""
+        return str(self.export.get("kv_dtype", self.export.get("dtype", "fp32")))
+
+    @property
     def kv_cache(self) -> str:
         return str(self.export.get("kv_cache", KV_CONCAT))
 

@@ -54,7 +54,14 @@ OPTIMIZATION_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_KV_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,  # `--kv-cache-dtype int8`: scales inside the graph, CPU only
+}
+# ONNX Runtime 1.25-1.26 know GroupQueryAttention's quantization attributes, but their CPU kernel
+# registers float caches only (the session loads, the first run fails with a type error).
+KV_QUANT_MIN_ORT = (1, 27)
 # What InferenceSession.run raises (Fail, InvalidArgument, RuntimeException, ...): its own types.
 # run_with_iobinding raises a plain RuntimeError("Error in execution: ...") instead.
 _ORT_ERRORS: tuple[type[Exception], ...] = (
@@ -153,6 +160,8 @@ class OnnxSession:
         # load), so the tokenizer is built from the file's metadata meanwhile.
         session_result = _in_background(make_session)
         metadata = _metadata_from_file(path)
+        if metadata is not None and metadata.kv_dtype == "int8":
+            _check_kv_quant(path, ort.__version__)
         session, self.cached = session_result()  # cached: through the optimised-graph cache
         self.session = session
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -175,9 +184,12 @@ class OnnxSession:
         if past_type not in _KV_DTYPES:
             raise ModelFileError(f"{path}: unsupported KV-cache type {past_type}; re-export it")
         self.kv_dtype = _KV_DTYPES[past_type]
+        if self.kv_dtype == np.int8:
+            _check_kv_quant(path, ort.__version__)  # (files without the metadata key too)
         if self.device == "cuda" and self.inplace and self.kv_dtype != np.float16:
+            kind = "an int8-cache" if self.kv_dtype == np.int8 else "an fp32"
             raise ConfigError(  # ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only
-                f"{path} is an fp32 --kv-cache inplace export, which ONNX Runtime runs on the CPU "
+                f"{path} is {kind} --kv-cache inplace export, which ONNX Runtime runs on the CPU "
                 "only; use --device cpu, or export with --kv-cache inplace --dtype fp16 for CUDA"
             )
         self._output_names = output_names(self.metadata.n_layer)
@@ -391,6 +403,24 @@ def _in_background(work: Callable[[], _T]) -> Callable[[], _T]:
         return done
 
     return result
+
+
+def ort_supports_kv_quant(version: str) -> bool:
+    """Whether an onnxruntime of this version runs a quantized GroupQueryAttention cache on CPU."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= KV_QUANT_MIN_ORT
+
+
+def _check_kv_quant(path: Path, version: str) -> None:
+    if not ort_supports_kv_quant(version):
+        need = ".".join(map(str, KV_QUANT_MIN_ORT))
+        raise ConfigError(
+            f"{path} has an int8 KV cache, which needs onnxruntime >= {need} (this is {version}); "
+            "pip install -U onnxruntime, or re-export without --kv-cache-dtype"
+        )
 
 
 def _metadata_from_file(path: Path) -> ModelMetadata | None:
