@@ -17,24 +17,28 @@ import _common as common
 from export.genai_export import write_genai_config
 from runtime import onnx_contract as contract
 
-# Exports made for each shape: directory -> (precision, ExportOptions.kv_cache). "fp32"/"int8"/"int4"
-# are the default export (standard ONNX, the cache concatenated each step); "inplace-*" are
-# ``--kv-cache inplace`` (ORT's GroupQueryAttention writing into a shared past/present buffer).
-ARTIFACTS = {
-    "fp32": ("fp32", contract.KV_CONCAT),
-    "int8": ("int8", contract.KV_CONCAT),
-    "inplace-fp32": ("fp32", contract.KV_INPLACE),
-    "inplace-int8": ("int8", contract.KV_INPLACE),
-    "int4": ("int4", contract.KV_CONCAT),
-    "inplace-int4": ("int4", contract.KV_INPLACE),
+# Exports made for each shape: directory -> (precision, ExportOptions.kv_cache,
+# ExportOptions.kv_cache_dtype). "fp32"/"int8"/"int4" are the default export (standard ONNX, the
+# cache concatenated each step); "inplace-*" are ``--kv-cache inplace`` (ORT's GroupQueryAttention
+# writing into a shared past/present buffer); "*-kv8" add ``--kv-cache-dtype int8``.
+ARTIFACTS: dict[str, tuple[str, str, str | None]] = {
+    "fp32": ("fp32", contract.KV_CONCAT, None),
+    "int8": ("int8", contract.KV_CONCAT, None),
+    "inplace-fp32": ("fp32", contract.KV_INPLACE, None),
+    "inplace-int8": ("int8", contract.KV_INPLACE, None),
+    "int4": ("int4", contract.KV_CONCAT, None),
+    "inplace-int4": ("int4", contract.KV_INPLACE, None),
+    "inplace-fp32-kv8": ("fp32", contract.KV_INPLACE, "int8"),
+    "inplace-int8-kv8": ("int8", contract.KV_INPLACE, "int8"),
+    "inplace-int4-kv8": ("int4", contract.KV_INPLACE, "int8"),
 }
 QUANTIZED = ("int8", "int4")  # precisions that are an ExportOptions.quantize
 
 
-def artifact_name(precision: str, kv_cache: str) -> str:
+def artifact_name(precision: str, kv_cache: str, kv_cache_dtype: str | None = None) -> str:
     """The ARTIFACTS key of the export with this precision and cache mode."""
     for name, spec in ARTIFACTS.items():
-        if spec == (precision, kv_cache):
+        if spec == (precision, kv_cache, kv_cache_dtype):
             return name
     raise ValueError(f"no benchmark export for {precision} with kv_cache={kv_cache!r}")
 
@@ -90,7 +94,7 @@ def prepare_artifacts(
         exports, missing = {}, artifacts
     tokenizer = bench_tokenizer(config["vocab_size"])
     for name in missing:
-        precision, kv_cache = ARTIFACTS[name]
+        precision, kv_cache, kv_cache_dtype = ARTIFACTS[name]
         path = shape_dir / name / "model.onnx"
         path.parent.mkdir(exist_ok=True)
         start = time.perf_counter()
@@ -98,7 +102,8 @@ def prepare_artifacts(
             "path": str(path),
             "precision": precision,
             "kv_cache": kv_cache,
-            "exporter": _export(model, tokenizer, path, precision, kv_cache),
+            "kv_cache_dtype": kv_cache_dtype,
+            "exporter": _export(model, tokenizer, path, precision, kv_cache, kv_cache_dtype),
             "seconds": round(time.perf_counter() - start, 1),
             "megabytes": round(path.stat().st_size / 1e6, 1),
         }
@@ -125,17 +130,21 @@ def _exporter_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def _export(model, tokenizer, path: Path, precision: str, kv_cache: str) -> str:
+def _export(
+    model, tokenizer, path: Path, precision: str, kv_cache: str, kv_cache_dtype: str | None
+) -> str:
     """Export with gptkit's own exporter, as a user would (`gptkit export [--quantize int8|int4]
-    [--kv-cache inplace]`); returns how, in words."""
+    [--kv-cache inplace [--kv-cache-dtype int8]]`); returns how, in words."""
     from export.onnx_export import ExportOptions, export_onnx
 
     quantize = precision if precision in QUANTIZED else None
-    options = ExportOptions(quantize=quantize, kv_cache=kv_cache)
-    export_onnx(model, tokenizer, path, options=options, source="benchmarks")
+    options = ExportOptions(quantize=quantize, kv_cache=kv_cache, kv_cache_dtype=kv_cache_dtype)
+    result = export_onnx(model, tokenizer, path, options=options, source="benchmarks")
     flag = f" --quantize {quantize}" if quantize else ""
     flag += f" --kv-cache {kv_cache}" if kv_cache != contract.KV_CONCAT else ""
-    return f"gptkit export_onnx{flag}"
+    flag += f" --kv-cache-dtype {kv_cache_dtype}" if kv_cache_dtype else ""
+    assert result.parity is not None
+    return f"gptkit export_onnx{flag} (parity max |diff| {result.parity.worst:.3g})"
 
 
 def bench_tokenizer(vocab_size: int):

@@ -101,7 +101,7 @@ class Report(Results):
             "★ = gptkit's faster variant at that shape, batch and precision (the one the targets "
             "below use). Default export: standard ONNX, the graph concatenates the KV cache every "
             "step. In-place export: `--kv-cache inplace`, ORT GroupQueryAttention writing into one "
-            'shared past/present buffer per layer. "Same file": onnxruntime-genai on the very file '
+            'shared past/present buffer per layer; "int8 KV cache" adds `--kv-cache-dtype int8`. "Same file": onnxruntime-genai on the very file '
             'gptkit ran (share buffer off for the default export, on for the in-place one); "its '
             "faster file\": genai's better figure of the two exports of that precision. HF and "
             "PyTorch run fp32 weights, and the numpy+ORT loop the default fp32 export, so int8, int4 and "
@@ -255,7 +255,8 @@ class Report(Results):
             "",
             "Every file is made by gptkit's own `export.onnx_export.export_onnx` from the same "
             "weights: fp32, int8 and int4 are the default export (`ExportOptions(quantize=...)`), "
-            f'the inplace-* ones add `kv_cache="{contract.KV_INPLACE}"`. Each directory has its own '
+            f'the inplace-* ones add `kv_cache="{contract.KV_INPLACE}"` and the *-kv8 ones '
+            '`kv_cache_dtype="int8"`. Each directory has its own '
             "genai_config.json (past_present_share_buffer false for the default export, true for "
             "the in-place one).",
             "",

@@ -55,6 +55,16 @@ SYSTEMS = {
         "inplace-int4",
     ),
 }
+for _precision in ("fp32", "int8", "int4"):  # the in-place exports with an int8 KV cache
+    _suffix = "" if _precision == "fp32" else f"-{_precision}"
+    SYSTEMS[f"genai-inplace{_suffix}-kv8"] = (
+        "onnxruntime-genai, type decoder, in-place export, int8 KV cache, share buffer on",
+        f"inplace-{_precision}-kv8",
+    )
+    SYSTEMS[f"gptkit-inplace{_suffix}-kv8"] = (
+        "gptkit runtime, `--kv-cache inplace --kv-cache-dtype int8` export (shared buffer)",
+        f"inplace-{_precision}-kv8",
+    )
 # llama-f32, llama-q8_0, llama-q4_0, llama-q4_K_M: llama.cpp's own programs on GGUF conversions of
 # the same weights (benchmarks/_llamacpp.py; only with decode.py --llama-cpp DIR, batch 1)
 SYSTEMS.update(LLAMA_SYSTEMS)
@@ -68,12 +78,15 @@ SAME_FILE_GENAI = {
     "gptkit-inplace-int8": "genai-inplace-int8",
     "gptkit-int4": "genai-int4",
     "gptkit-inplace-int4": "genai-inplace-int4",
+    "gptkit-inplace-kv8": "genai-inplace-kv8",
+    "gptkit-inplace-int8-kv8": "genai-inplace-int8-kv8",
+    "gptkit-inplace-int4-kv8": "genai-inplace-int4-kv8",
 }
 # precision -> gptkit's variants of it (default export first)
 GPTKIT_VARIANTS = {
-    "fp32": ("gptkit", "gptkit-inplace"),
-    "int8": ("gptkit-int8", "gptkit-inplace-int8"),
-    "int4": ("gptkit-int4", "gptkit-inplace-int4"),
+    "fp32": ("gptkit", "gptkit-inplace", "gptkit-inplace-kv8"),
+    "int8": ("gptkit-int8", "gptkit-inplace-int8", "gptkit-inplace-int8-kv8"),
+    "int4": ("gptkit-int4", "gptkit-inplace-int4", "gptkit-inplace-int4-kv8"),
 }
 REFERENCE = "torch"  # greedy tokens of every system are compared with this one's
 
@@ -84,8 +97,10 @@ def precision_of(system: str) -> str:
 
 def variant_of(system: str) -> str:
     """Which export a gptkit/genai system runs, in words."""
-    inplace = ARTIFACTS[SYSTEMS[system][1]][1] == contract.KV_INPLACE
-    return "in-place export" if inplace else "default export"
+    _, kv_cache, kv_cache_dtype = ARTIFACTS[SYSTEMS[system][1]]
+    if kv_cache != contract.KV_INPLACE:
+        return "default export"
+    return "in-place export" + (f", {kv_cache_dtype} KV cache" if kv_cache_dtype else "")
 
 
 @dataclass
