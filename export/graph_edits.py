@@ -218,6 +218,62 @@ def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool
     return True
 
 
+def gather_from_int8_head(proto: onnx.ModelProto, head_weight: str) -> bool:
+    """Tie a dynamically quantized int8 head and the embedding again: the token lookup reads the
+    head's int8 weight and scales the rows it gathered, and the fp32 table is dropped.
+
+    ``quantize_dynamic`` (per channel, symmetric) stores the head's [n_embd, vocab] weight as
+    ``{head_weight}_quantized`` with a scale and a zero point per vocabulary entry, so token v is
+    column v: Gather(axis=1) -> [n_embd, B, T], Transpose -> [B, T, n_embd], Cast, times the
+    gathered scales. Standard ONNX ops only, so the file stays portable; the embedding costs a
+    quarter of its fp32 bytes in the file and in memory. Returns False (graph unchanged) when the
+    head or the lookup is not in that form.
+    """
+    graph = proto.graph
+    wte = embedding_initializer(graph)
+    inits = {init.name: init for init in graph.initializer}
+    names = [f"{head_weight}_{part}" for part in ("quantized", "scale", "zero_point")]
+    if wte is None or not all(name in inits for name in names):
+        return False
+    vocab, n_embd = wte.dims
+    weight, scale, zero_point = (inits[name] for name in names)
+    if (
+        tuple(weight.dims) != (n_embd, vocab)
+        or weight.data_type != onnx.TensorProto.INT8
+        or tuple(scale.dims) != (vocab,)
+        or onnx.numpy_helper.to_array(zero_point).any()  # symmetric: every zero point is 0
+    ):
+        return False
+    gather = next(
+        n
+        for n in graph.node
+        if n.op_type == "Gather" and n.input[0] == wte.name and n.input[1] == INPUT_IDS
+    )
+    if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+        return False
+    axis = onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "wte/int8_last_axis")
+    graph.initializer.append(axis)
+    ids = gather.input[1]
+    new_nodes = [
+        onnx.helper.make_node("Gather", [weight.name, ids], ["wte/int8_columns"], axis=1),
+        onnx.helper.make_node("Transpose", ["wte/int8_columns"], ["wte/int8_rows"], perm=[1, 2, 0]),
+        onnx.helper.make_node(
+            "Cast", ["wte/int8_rows"], ["wte/int8_values"], to=onnx.TensorProto.FLOAT
+        ),
+        onnx.helper.make_node("Gather", [scale.name, ids], ["wte/int8_row_scales"], axis=0),
+        onnx.helper.make_node("Unsqueeze", ["wte/int8_row_scales", axis.name], ["wte/int8_scales"]),
+        onnx.helper.make_node("Mul", ["wte/int8_values", "wte/int8_scales"], list(gather.output)),
+    ]
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(new_nodes):
+        node.name = f"wte/int8_{offset}_{node.op_type}"
+        graph.node.insert(index + offset, node)
+    if not any(wte.name in n.input for n in graph.node):
+        graph.initializer.remove(wte)
+    return True
+
+
 def strip_exporter_extras(proto: onnx.ModelProto) -> None:
     """Drop what the dynamo exporter adds beyond the graph: per-node notes (stack traces with the
     exporting machine's file paths, FX node dumps), graph-level notes, and the intermediate

@@ -181,10 +181,13 @@ def build_graph(
         found = ", ".join(f"{op} x{n}" for op, n in fusions.items())
         notes.append(f"optimize: fused {found or 'nothing'}")
     if options.quantize == "int8":
-        proto = quantize_int8(proto)
-        notes.append(
-            "int8: MatMul weights quantised (dynamic QInt8); output head stored apart from wte"
+        proto, tied = quantize_int8(proto)
+        embedding = (
+            "the token lookup reads the head's int8 weight (embedding stored once)"
+            if tied
+            else "the embedding lookup keeps its fp32 table"
         )
+        notes.append(f"int8: MatMul weights quantised (dynamic QInt8); {embedding}")
     elif options.quantize == "int4":
         proto, int4 = quantize_int4(proto)
         details["int4"] = int4

@@ -189,12 +189,15 @@ def test_verify_parity_lists_every_output_over_tolerance(fp32_path) -> None:
 
 VARIANTS = {
     # options, max |diff| bound, min greedy tokens equal to PyTorch's (of GREEDY_TOKENS).
-    # Measured on this model: fp16 ~1e-3 and 32/32; int8 ~5e-2 and 32/32 (int8 kernels differ
-    # between CPUs with and without VNNI, hence the margin).
+    # Measured on this model: fp16 ~1e-3 and 32/32; int8 ~5e-2 and 7/32 (int8 kernels differ
+    # between CPUs with and without VNNI, hence the margin). int8 was 32/32 while its embedding
+    # lookup read an fp32 table; with the int8 table (per-row scales) this random model's greedy
+    # run turns at token 7, while its argmax agreement stays 1.0 (a trained small-cpu model:
+    # 0.978 vs 0.982, validation loss +0.002 nats).
     "fp16": (ExportOptions(dtype="fp16"), 1e-2, GREEDY_TOKENS),
-    "int8": (ExportOptions(quantize="int8"), 0.15, GREEDY_TOKENS // 2),
+    "int8": (ExportOptions(quantize="int8"), 0.15, 4),
     "optimize": (ExportOptions(optimize=True), 1e-5, GREEDY_TOKENS),
-    "optimize+int8": (ExportOptions(quantize="int8", optimize=True), 0.15, GREEDY_TOKENS // 2),
+    "optimize+int8": (ExportOptions(quantize="int8", optimize=True), 0.15, 4),
     "optimize+fp16": (ExportOptions(dtype="fp16", optimize=True), 1e-2, GREEDY_TOKENS),
 }
 
@@ -241,19 +244,28 @@ def test_fp16_keeps_logits_layernorm_and_softmax_in_fp32(variant_files) -> None:
     assert variant_files["fp16"].size_bytes < 0.65 * variant_files["optimize"].size_bytes
 
 
-def test_int8_stores_the_output_head_apart_from_the_embedding(model, variant_files) -> None:
+def test_int8_stores_the_embedding_once_in_the_heads_int8_weight(model, variant_files) -> None:
     cfg = model.config
     proto = onnx.load(variant_files["int8"].path)
     inits = {i.name: i for i in proto.graph.initializer}
-    gather = next(n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits)
-    table = inits[gather.input[0]]
-    assert tuple(table.dims) == (cfg.vocab_size, cfg.n_embd)
-    assert table.data_type == onnx.TensorProto.FLOAT  # the embedding lookup stays exact
-    head = [i for i in inits.values() if tuple(i.dims) == (cfg.n_embd, cfg.vocab_size)]
-    assert len(head) == 1 and head[0].data_type == onnx.TensorProto.INT8
-    assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    tables = [i for i in inits.values() if set(i.dims) == {cfg.vocab_size, cfg.n_embd}]
+    assert len(tables) == 1  # no fp32 embedding beside the head
+    (head,) = tables
+    assert tuple(head.dims) == (cfg.n_embd, cfg.vocab_size)
+    assert head.data_type == onnx.TensorProto.INT8
+    scales = inits[head.name.replace("_quantized", "_scale")]
+    assert tuple(scales.dims) == (cfg.vocab_size,)  # per vocabulary entry: per embedding row
+    lookups = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    assert sorted(n.input[0] for n in lookups) == sorted([head.name, scales.name])
     n_integer = sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
     assert n_integer == 4 * cfg.n_layer + 1  # qkv, proj, fc, mlp proj per block + head
+    # The lookup is exact on the int8 table: the ids' rows of the head's weight, times their scales.
+    ids = np.array([[0, 5, cfg.vocab_size - 1]])
+    table = onnx.numpy_helper.to_array(head).astype(np.float32)
+    expected = (table[:, ids[0]] * onnx.numpy_helper.to_array(scales)[ids[0]]).T
+    wte = model.transformer.wte.weight.detach().numpy()[ids[0]]
+    step = np.abs(wte).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(expected - wte) <= step / 2 + 1e-7)  # int8 rounding of each row
 
 
 def test_optimize_reports_the_fusions_that_happened(model, variant_files) -> None:
