@@ -28,8 +28,10 @@ from runtime.session import OnnxSession
 # 124M weights (presents 0.74): 2.0 leaves ~2.4x margin over the worst while still catching a
 # broken graph (wrong weights or cache give differences of the logits' own size).
 TOLERANCES = {"fp32": 1e-4, "fp16": 0.2, "int8": 1.0, "int4": 2.0}
-# An int8 KV cache (`--kv-cache-dtype int8`) on any weights: presents are compared dequantized.
-# TODO measured
+# An int8 KV cache (`--kv-cache-dtype int8`) on any weights: presents are compared dequantized,
+# and the bound is this or the weights' own, whichever is looser. Measured with fp32 weights: random
+# GPT-2 124M 0.060, the tiny test models 0.007-0.03; over 128 teacher-forced positions of a trained
+# small-cpu model 0.11 (argmax agreement 0.992). int8 weights: 0.126 on GPT-2 (their bound is 1.0).
 KV_INT8_TOLERANCE = 0.5
 
 
@@ -188,7 +190,8 @@ class _Stepper:
 
 
 def _kv_scales(onnx_path: str | os.PathLike[str], n_layer: int) -> list[np.ndarray]:
-    """An int8 cache's scales, in ``past_key_values.*`` order, from the file's initializers."""
+    """An int8 cache's scales, in ``past_key_values.*`` order, from the file's initializers (a
+    second read of the file, once per check: ONNX Runtime does not expose initializers)."""
     import onnx
     from onnx import numpy_helper
 
