@@ -120,7 +120,8 @@ def test_int4_file_is_smaller_than_int8(model, bpe_tokenizer, exports, tmp_path)
     int8 = export_onnx(
         model, bpe_tokenizer, tmp_path / "int8.onnx", options=ExportOptions(quantize="int8")
     )
-    assert exports["concat"].size_bytes < 0.6 * int8.size_bytes
+    # int8 stores its tied embedding once, in int8, too (tiny: 0.69x; GPT-2 124M: 89 vs 128 MB)
+    assert exports["concat"].size_bytes < 0.8 * int8.size_bytes
 
 
 def test_inplace_optimized_int4_keeps_the_fusions(exports) -> None:
