@@ -178,12 +178,8 @@ def gather_from_nbits_head(proto: onnx.ModelProto, head: onnx.NodeProto) -> bool
     block = int(attrs["block_size"])
     if (int(attrs["N"]), int(attrs["K"])) != (vocab, n_embd) or n_embd % block:
         return False
-    gather = next(
-        n
-        for n in graph.node
-        if n.op_type == "Gather" and n.input[0] == wte.name and n.input[1] == INPUT_IDS
-    )
-    if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+    gather = _token_lookup(graph, wte)
+    if gather is None:
         return False
     shape = onnx.numpy_helper.from_array(
         np.array([vocab, n_embd * bits // 8], dtype=np.int64), "wte/nbits_shape"
@@ -244,12 +240,8 @@ def gather_from_int8_head(proto: onnx.ModelProto, head_weight: str) -> bool:
         or onnx.numpy_helper.to_array(zero_point).any()  # symmetric: every zero point is 0
     ):
         return False
-    gather = next(
-        n
-        for n in graph.node
-        if n.op_type == "Gather" and n.input[0] == wte.name and n.input[1] == INPUT_IDS
-    )
-    if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+    gather = _token_lookup(graph, wte)
+    if gather is None:
         return False
     axis = onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "wte/int8_last_axis")
     graph.initializer.append(axis)
@@ -272,6 +264,16 @@ def gather_from_int8_head(proto: onnx.ModelProto, head_weight: str) -> bool:
     if not any(wte.name in n.input for n in graph.node):
         graph.initializer.remove(wte)
     return True
+
+
+def _token_lookup(graph: onnx.GraphProto, wte: onnx.TensorProto) -> onnx.NodeProto | None:
+    """The plain Gather (axis 0) of wte rows by ``input_ids``; None if the lookup is another."""
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] == wte.name and node.input[1] == INPUT_IDS:
+            if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+                return None
+            return node
+    return None
 
 
 def strip_exporter_extras(proto: onnx.ModelProto) -> None:
