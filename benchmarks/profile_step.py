@@ -3,7 +3,9 @@
     python benchmarks/profile_step.py                          # gpt2 fp32, cache of 16 and ~1000
     python benchmarks/profile_step.py --shape tiny --precision int8
     python benchmarks/profile_step.py --kv-cache inplace             # the --kv-cache inplace export
+    python benchmarks/profile_step.py --kv-cache inplace --precision int4 --kv-cache-dtype int8
     python benchmarks/profile_step.py path/to/model.onnx --positions 32 --steps 32
+    python benchmarks/profile_step.py --shape small-cpu --kv-cache inplace --python-only
 
 Loads the model with ``runtime.load`` (onnxruntime profiling switched on), prefills a random prompt
 of P tokens, then greedily decodes --steps tokens through the runtime's own loop, and reports for
@@ -12,6 +14,9 @@ the decode steps only (the prefill is left out):
 - the wall time of a step, split into the ONNX Runtime run (kernels and what ORT does between
   them) and everything outside it (building feeds or IO binding, logits out, sampling, the loop);
 - ONNX Runtime's kernel time by operator type, and the most expensive single nodes.
+
+``--python-only`` instead times the runtime's loop with ONNX Runtime's run replaced by a no-op:
+what gptkit itself adds to every step, at batch 1 and 8 (in-place exports).
 
 Without a model path it uses (and if needed builds) the benchmark's artifacts for --shape,
 --precision and --kv-cache, the same random-init weights and exports as benchmarks/decode.py. The
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -30,9 +36,13 @@ from pathlib import Path
 
 import _common as common
 import numpy as np
-from _artifacts import artifact_name, prepare_artifacts
+from _artifacts import ARTIFACTS, artifact_name, prepare_artifacts
 
+from export.options import KV_CACHE_DTYPES
+from runtime.generation import PREFILL_CHUNK
 from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT, KV_INPLACE
+
+PRECISIONS = tuple(dict.fromkeys(spec[0] for spec in ARTIFACTS.values()))
 
 
 def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -> list[dict]:
@@ -77,10 +87,13 @@ def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -
     nodes = [
         e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
     ]
-    per_call = steps + 1  # one prefill, then the decode steps
     results = []
+    start = 0
     for k, position in enumerate(positions):
-        decode_runs = runs[k * per_call + 1 : (k + 1) * per_call]
+        # A batch-1 prompt is prefilled in runs of PREFILL_CHUNK tokens, then one run per step.
+        prefill_runs = math.ceil(position / PREFILL_CHUNK)
+        decode_runs = runs[start + prefill_runs : start + prefill_runs + steps]
+        start += prefill_runs + steps
         first, last = decode_runs[0], decode_runs[-1]
         window = (first["ts"], last["ts"] + last["dur"])
         by_op: dict[str, float] = defaultdict(float)
@@ -111,6 +124,47 @@ def profile(path: Path, positions: list[int] | None, steps: int, threads: int) -
             }
         )
     return results
+
+
+def python_cost(path: Path, batches: list[int], steps: int, threads: int) -> str:
+    """The runtime's own cost per decode step: its loop with ONNX Runtime's run made a no-op.
+
+    An in-place export's steps write their outputs into buffers bound once, so skipping the run
+    leaves every Python-side operation of a step in place (binding, the mask, token choice, the
+    events) and times exactly those: a figure without the run-to-run noise of the kernels.
+    """
+    import onnxruntime as ort
+
+    import runtime.model
+
+    model = runtime.model.load(path, threads=threads)
+    if not getattr(model._session, "inplace", False):
+        raise SystemExit("--python-only needs a --kv-cache inplace export (outputs bound once)")
+    session = _inference_session(model, ort.InferenceSession)
+    real_run = session.run_with_iobinding
+    rng = np.random.default_rng(7)
+    lines = [
+        f"## Python cost of a decode step: {path.name} (ONNX Runtime's run a no-op)",
+        "",
+        "| batch | us per step (median of 7) | min |",
+        "|---:|---:|---:|",
+    ]
+    for batch in batches:
+        prompts = rng.integers(0, model.metadata.vocab_size - 1, size=(batch, 32)).tolist()
+        for _ in common.runtime_tokens(model, prompts, 2):  # real logits in the step buffers
+            pass
+        session.run_with_iobinding = lambda *args, **kwargs: None
+        try:
+            per_step = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for _ in common.runtime_tokens(model, prompts, steps + 1):
+                    pass
+                per_step.append((time.perf_counter() - start) / steps * 1e6)
+        finally:
+            session.run_with_iobinding = real_run
+        lines.append(f"| {batch} | {np.median(per_step):.1f} | {min(per_step):.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _inference_session(model, kind: type):
@@ -169,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", type=Path, help="an exported .onnx (default: --shape)")
     parser.add_argument("--shape", default="gpt2", help="benchmark shape when no model is given")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument(
         "--kv-cache",
         choices=KV_CACHE_MODES,
@@ -177,23 +231,41 @@ def main(argv: list[str] | None = None) -> None:
         help=f"which export of the shape: the default ({KV_CONCAT}) or --kv-cache {KV_INPLACE}",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        help="with --kv-cache inplace: the export whose cache is stored in this type",
+    )
+    parser.add_argument(
         "--positions", type=_csv_ints, help="cache lengths to profile (default 16 and near block)"
     )
     parser.add_argument("--steps", type=int, default=16, help="decode steps profiled per position")
     parser.add_argument("--top", type=int, default=12, help="how many single nodes to list")
+    parser.add_argument(
+        "--python-only",
+        action="store_true",
+        help="instead: time the runtime's loop with ONNX Runtime's run a no-op (in-place exports)",
+    )
+    parser.add_argument(
+        "--batch", type=_csv_ints, default=[1, 8], help="batch sizes for --python-only"
+    )
     parser.add_argument("--work-dir", type=Path, default=common.DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args(argv)
 
     path = args.model
     if path is None:
-        name = artifact_name(args.precision, args.kv_cache)
+        if args.kv_cache_dtype and args.kv_cache != KV_INPLACE:
+            parser.error("--kv-cache-dtype needs --kv-cache inplace")
+        name = artifact_name(args.precision, args.kv_cache, args.kv_cache_dtype)
         manifest = prepare_artifacts(args.shape, args.work_dir, artifacts=[name])
         path = Path(manifest["exports"][name]["path"])
-    sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
-    for result in profile(path, args.positions, args.steps, common.THREADS):
-        sections.append(render(result, args.top))
-    text = "\n".join(sections)
+    if args.python_only:
+        text = python_cost(path, args.batch, max(args.steps, 128), common.THREADS)
+    else:
+        sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
+        for result in profile(path, args.positions, args.steps, common.THREADS):
+            sections.append(render(result, args.top))
+        text = "\n".join(sections)
     print(text)
     if args.out:
         args.out.write_text(text)
