@@ -6,6 +6,7 @@
     python benchmarks/profile_step.py --kv-cache inplace --precision int4 --kv-cache-dtype int8
     python benchmarks/profile_step.py path/to/model.onnx --positions 32 --steps 32
     python benchmarks/profile_step.py --shape small-cpu --kv-cache inplace --python-only
+    python benchmarks/profile_step.py --kv-cache inplace --precision int8 --load
 
 Loads the model with ``runtime.load`` (onnxruntime profiling switched on), prefills a random prompt
 of P tokens, then greedily decodes --steps tokens through the runtime's own loop, and reports for
@@ -16,7 +17,9 @@ the decode steps only (the prefill is left out):
 - ONNX Runtime's kernel time by operator type, and the most expensive single nodes.
 
 ``--python-only`` instead times the runtime's loop with ONNX Runtime's run replaced by a no-op:
-what gptkit itself adds to every step, at batch 1 and 8 (in-place exports).
+what gptkit itself adds to every step, at batch 1 and 8 (in-place exports). ``--load`` times
+creating the session (through the runtime's graph cache, as ``runtime.load``) with ONNX
+Runtime's weight prepacking on and off, each in a fresh process, with the peak memory it adds.
 
 Without a model path it uses (and if needed builds) the benchmark's artifacts for --shape,
 --precision and --kv-cache, the same random-init weights and exports as benchmarks/decode.py. The
@@ -144,7 +147,7 @@ def python_cost(path: Path, batches: list[int], steps: int, threads: int) -> str
     real_run = session.run_with_iobinding
     rng = np.random.default_rng(7)
     lines = [
-        f"## Python cost of a decode step: {path.name} (ONNX Runtime's run a no-op)",
+        f"## Python cost of a decode step: {path.parent.name}/{path.name} (ORT run a no-op)",
         "",
         "| batch | us per step (median of 7) | min |",
         "|---:|---:|---:|",
@@ -165,6 +168,73 @@ def python_cost(path: Path, batches: list[int], steps: int, threads: int) -> str
             session.run_with_iobinding = real_run
         lines.append(f"| {batch} | {np.median(per_step):.1f} | {min(per_step):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def load_cost(path: Path, threads: int, repeats: int = 3) -> str:
+    """Creating the session the runtime would (through its graph cache when that applies), with
+    ONNX Runtime's weight prepacking on and off, each in a fresh process: what a cold start
+    spends in ORT, and the peak memory the prepacked copies add."""
+    import subprocess
+
+    import runtime.model
+
+    runtime.model.load(path, threads=threads)  # builds the graph-cache entry if there is one
+    rows = []
+    for prepack in (True, False):
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run(
+                [sys.executable, __file__, str(path), "--load-child", "on" if prepack else "off"],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            runs.append(json.loads(out.stdout.splitlines()[-1]))
+        init = float(np.median([r["init_s"] for r in runs]))
+        rss = float(np.median([r["session_rss_mib"] for r in runs]))
+        rows.append(f"| {'on (default)' if prepack else 'off'} | {init:.3f} | {rss:.0f} |")
+    return (
+        "\n".join(
+            [
+                f"## Session creation: {path.parent.name}/{path.name} (median of {repeats} processes)",
+                "",
+                "| ORT weight prepacking | session init s | peak RSS added by the session, MiB |",
+                "|---|---:|---:|",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
+
+
+def _load_child(path: Path, prepack: bool, threads: int) -> None:
+    """One session over what runtime.load opens (the graph-cache entry when there is one)."""
+    import onnxruntime as ort
+
+    from runtime import graph_cache
+
+    entry = graph_cache.Entry(path)
+    source, level = path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if graph_cache.enabled(path) and entry.is_current():
+        source, level = entry.model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    before = _peak_rss_mib()
+    start = time.perf_counter()
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    init = time.perf_counter() - start
+    print(json.dumps({"init_s": init, "session_rss_mib": _peak_rss_mib() - before}))
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _inference_session(model, kind: type):
@@ -248,11 +318,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=_csv_ints, default=[1, 8], help="batch sizes for --python-only"
     )
+    parser.add_argument(
+        "--load",
+        action="store_true",
+        help="instead: session creation time and memory with ORT's weight prepacking on and off",
+    )
+    parser.add_argument("--load-child", choices=("on", "off"), help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, default=common.DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args(argv)
 
     path = args.model
+    if args.load_child:
+        return _load_child(path, args.load_child == "on", common.THREADS)
     if path is None:
         if args.kv_cache_dtype and args.kv_cache != KV_INPLACE:
             parser.error("--kv-cache-dtype needs --kv-cache inplace")
@@ -261,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         path = Path(manifest["exports"][name]["path"])
     if args.python_only:
         text = python_cost(path, args.batch, max(args.steps, 128), common.THREADS)
+    elif args.load:
+        text = load_cost(path, common.THREADS)
     else:
         sections = [f"## Decode-step profile: {path} ({common.THREADS} threads)", ""]
         for result in profile(path, args.positions, args.steps, common.THREADS):
