@@ -30,7 +30,8 @@ The file needs ONNX Runtime (the contrib op is not standard ONNX), which is why 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -192,13 +193,53 @@ KV_CALIBRATION_HEADROOM = 2.0
 _K_SCALE_INPUT = 12  # GroupQueryAttention's input index of k_scale (v_scale follows)
 
 
-def calibration_ids(model: GPT, seed: int = 0) -> torch.Tensor:
-    """(2, block_size) ids that reach every position: random tokens, and text the model samples
-    itself from one random token (its own keys and values at every position, on its own kind of
-    input: no corpus needs to travel with a checkpoint)."""
+# Windows of a calibration text used at most: each is one block_size forward pass at export.
+MAX_CALIBRATION_WINDOWS = 4
+# How much of a calibration file is read: ~1M tokens of English, plenty for the windows, and a
+# large corpus is not tokenized whole just to place four windows.
+MAX_CALIBRATION_BYTES = 4 * 2**20
+
+
+def read_calibration_text(path: Path) -> str:
+    """The first MAX_CALIBRATION_BYTES of a UTF-8 text file (a character cut at the end is
+    dropped); anything that is not UTF-8 text is an ExportError."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CALIBRATION_BYTES)
+    except OSError as e:
+        raise ExportError(f"cannot read calibration text {path} ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(data) == MAX_CALIBRATION_BYTES and e.start >= len(data) - 3:
+            return data[: e.start].decode("utf-8")  # the read ended inside a character
+        raise ExportError(
+            f"calibration text {path} is not UTF-8 text (byte {e.start}); pass a text file"
+        ) from None
+
+
+def calibration_ids(
+    model: GPT, seed: int = 0, text_ids: Sequence[int] | None = None
+) -> torch.Tensor:
+    """(rows, block_size) ids that reach every position: one row of random tokens, then either
+    text the model samples itself from one random token (its own keys and values at every
+    position, on its own kind of input: no corpus needs to travel with a checkpoint) or, given
+    ``text_ids`` (at least block_size of them), up to MAX_CALIBRATION_WINDOWS windows spread
+    evenly over that text (`gptkit export --kv-calibration`: the user's own kind of input)."""
     cfg = model.config
     generator = torch.Generator().manual_seed(seed)
     random_row = torch.randint(0, cfg.vocab_size, (1, cfg.block_size), generator=generator)
+    if text_ids is not None:
+        text = torch.tensor(list(text_ids), dtype=torch.long)
+        if len(text) < cfg.block_size:
+            raise ExportError(
+                f"the calibration text is {len(text)} tokens; the KV cache needs at least "
+                f"block_size ({cfg.block_size}) to calibrate every position: give a longer text"
+            )
+        last_start = len(text) - cfg.block_size
+        windows = min(MAX_CALIBRATION_WINDOWS, last_start // cfg.block_size + 1)
+        starts = torch.linspace(0, last_start, windows).round().long().tolist()
+        return torch.stack([random_row[0], *(text[i : i + cfg.block_size] for i in starts)])
     with torch.no_grad():
         sampled = model.generate(
             random_row[:, :1], cfg.block_size - 1, temperature=1.0, generator=generator
@@ -208,19 +249,25 @@ def calibration_ids(model: GPT, seed: int = 0) -> torch.Tensor:
 
 def kv_cache_scales(model: GPT, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (k_scale, v_scale), each (1, n_head, 1, head_dim) float32: the absolute maximum
-    of every key/value channel over a forward pass of ``ids`` (B, T), times the headroom, over
-    127. Values beyond that saturate."""
+    of every key/value channel over forward passes of the rows of ``ids`` (B, T), times the
+    headroom, over 127. Values beyond that saturate. One row at a time: a batch would hold
+    B x T x vocab logits at once."""
+    peaks: list[torch.Tensor] = []  # per layer: (2, 1, n_head, 1, head_dim), keys then values
     with torch.no_grad():
-        out = model(ids, use_cache=True)
+        for row in ids:
+            out = model(row[None], use_cache=True)
+            row_peaks = [
+                torch.stack([t.float().abs().amax(dim=(0, 2), keepdim=True) for t in pair])
+                for pair in out.past_key_values
+            ]
+            if peaks:
+                peaks = [torch.maximum(a, b) for a, b in zip(peaks, row_peaks, strict=True)]
+            else:
+                peaks = row_peaks
     scales = []
-    for key, value in out.past_key_values:
-        pair = tuple(
-            (t.float().abs().amax(dim=(0, 2), keepdim=True) * KV_CALIBRATION_HEADROOM)
-            .div(KV_INT8_LEVELS)
-            .clamp_min(1e-8)
-            for t in (key, value)
-        )
-        scales.append((pair[0], pair[1]))
+    for peak in peaks:
+        key, value = (peak * KV_CALIBRATION_HEADROOM).div(KV_INT8_LEVELS).clamp_min(1e-8)
+        scales.append((key, value))
     return scales
 
 

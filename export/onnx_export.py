@@ -45,6 +45,7 @@ from export.inplace_cache import (
     calibration_ids,
     kv_cache_scales,
     quantize_kv_cache,
+    read_calibration_text,
 )
 from export.options import ExportOptions
 from export.parity import ParityReport, verify_parity
@@ -139,7 +140,11 @@ def export_onnx(
             f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
             f"{model.config.vocab_size}; they do not belong together"
         )
-    proto, notes, fusions, details = build_graph(model, options)
+    calibration = None
+    if options.kv_calibration:  # before any tracing: a bad file fails in a second
+        text = read_calibration_text(Path(options.kv_calibration))
+        calibration = tokenizer.encode(text, allow_special=True)
+    proto, notes, fusions, details = build_graph(model, options, calibration_text=calibration)
     _write_metadata(proto, model, tokenizer, options, fusions, source, details)
     with _staging_file(target) as staging:
         write_model(proto, staging)
@@ -166,10 +171,11 @@ def export_onnx(
 
 
 def build_graph(
-    model: GPT, options: ExportOptions
+    model: GPT, options: ExportOptions, *, calibration_text: list[int] | None = None
 ) -> tuple[onnx.ModelProto, list[str], dict[str, int], dict]:
     """The traced graph with its variant applied: (graph, notes for the user, fusions done,
-    quantisation details for the metadata)."""
+    quantisation details for the metadata). ``calibration_text``: the token ids of
+    ``options.kv_calibration`` (the int8 KV cache's scales come from them, not from sampling)."""
     cfg = model.config
     proto = trace(model, options.opset, kv_cache=options.kv_cache)
     tie_embedding(proto)
@@ -210,13 +216,20 @@ def build_graph(
         was_training = reference.training
         reference.eval()
         try:
-            ids = calibration_ids(reference)
+            ids = calibration_ids(reference, text_ids=calibration_text)
             proto = quantize_kv_cache(proto, kv_cache_scales(reference, ids))
         finally:
             reference.train(was_training)
+        if calibration_text is None:
+            source = "text the model sampled itself"
+            details["kv_calibration"] = {"text": "sampled by the model", "rows": len(ids)}
+        else:
+            name = Path(options.kv_calibration or "").name
+            source = f"{len(ids) - 1} window(s) of {name}"
+            details["kv_calibration"] = {"text": name, "rows": len(ids)}
         notes.append(
             f"int8 KV cache: per-channel scales from {ids.shape[0]} x {ids.shape[1]} calibration "
-            "tokens (random ids, and text the model sampled itself)"
+            f"tokens (random ids, and {source})"
         )
     return proto, notes, fusions, details
 

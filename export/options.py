@@ -7,6 +7,7 @@ exporter.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.errors import ExportError
 from runtime.onnx_contract import KV_CACHE_MODES, KV_CONCAT, KV_INPLACE
@@ -28,6 +29,7 @@ class ExportOptions:
     optimize: bool = False  # save ONNX Runtime's transformer fusions into the file
     kv_cache: str = KV_CONCAT  # or KV_INPLACE: ONNX Runtime's GroupQueryAttention, in place
     kv_cache_dtype: str | None = None  # "int8": the in-place cache in int8 (per-channel scales)
+    kv_calibration: str | None = None  # a UTF-8 text to calibrate that cache on (else self-sampled)
 
     @property
     def variant(self) -> str:
@@ -51,11 +53,25 @@ class ExportOptions:
             raise ExportError(f"unknown KV cache {self.kv_cache!r}; choose {choices}")
         if self.kv_cache_dtype is not None:
             self._validate_kv_cache_dtype()
+        if self.kv_calibration is not None:
+            self._validate_kv_calibration()
         if self.dtype == "fp16" and self.quantize:
             raise ExportError(
                 f"--dtype fp16 and --quantize {self.quantize} cannot be combined; "
                 f"{self.quantize} keeps fp32 activations, so pick one"
             )
+
+    def _validate_kv_calibration(self) -> None:
+        path = Path(self.kv_calibration or "")
+        if self.kv_cache_dtype is None:
+            raise ExportError(
+                "--kv-calibration calibrates a quantized KV cache; add --kv-cache-dtype int8"
+            )
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "not found"
+            raise ExportError(f"calibration text {path} {what}; pass a UTF-8 text file")
+        if path.stat().st_size == 0:
+            raise ExportError(f"calibration text {path} is empty; pass a UTF-8 text file")
 
     def _validate_kv_cache_dtype(self) -> None:
         from runtime.session import KV_QUANT_MIN_ORT, ort_supports_kv_quant

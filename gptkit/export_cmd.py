@@ -26,6 +26,7 @@ ONNX_ONLY = {
     "optimize": "--optimize",
     "kv_cache": "--kv-cache",
     "kv_cache_dtype": "--kv-cache-dtype",
+    "kv_calibration": "--kv-calibration",
 }
 
 
@@ -95,6 +96,14 @@ ONNX_ONLY = {
     "export (a quarter of fp32's cache memory and traffic: long contexts decode faster; CPU, "
     "ONNX Runtime >= 1.27). Default: the weights' dtype.",
 )
+@click.option(
+    "--kv-calibration",
+    type=click.Path(dir_okay=False),
+    default=_DEFAULTS.kv_calibration,
+    help="With --kv-cache-dtype int8: calibrate the cache's scales on this UTF-8 text (e.g. the "
+    "training corpus; its first 4 MiB, at least block_size tokens) instead of text the model "
+    "samples itself (faster for long contexts).",
+)
 def export_command(
     output: str | None = None,
     checkpoint: str | None = None,
@@ -106,6 +115,7 @@ def export_command(
     optimize: bool = _DEFAULTS.optimize,
     kv_cache: str = _DEFAULTS.kv_cache,
     kv_cache_dtype: str | None = _DEFAULTS.kv_cache_dtype,
+    kv_calibration: str | None = _DEFAULTS.kv_calibration,
 ) -> None:
     """Export a trained model to OUTPUT (default model.onnx; model-hf/ or model-genai/ for the
     directory formats).
@@ -126,6 +136,7 @@ def export_command(
         optimize=optimize,
         kv_cache=kv_cache,
         kv_cache_dtype=kv_cache_dtype,
+        kv_calibration=kv_calibration,
     )
     if fmt == "hf":
         _check_hf_usage(target)

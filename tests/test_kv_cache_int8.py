@@ -24,15 +24,18 @@ import torch
 from onnx import numpy_helper
 from reliability_helpers import one_line_error
 
+import export.inplace_cache
 import runtime
 import runtime.session
 from export import ExportOptions, export_onnx
 from export.inplace_cache import (
     KV_CALIBRATION_HEADROOM,
     KV_INT8_LEVELS,
+    MAX_CALIBRATION_WINDOWS,
     calibration_ids,
     kv_cache_scales,
     kv_scale_names,
+    read_calibration_text,
 )
 from export.parity import KV_INT8_TOLERANCE, TOLERANCES, verify_parity
 from gpt_core.checkpoint import save_model
@@ -368,6 +371,112 @@ def test_engine_matches_the_runtime_on_the_int8_file(kv8_path, prompt_ids):
     assert engine.stats().busy_slots == 0
 
 
+# ---- calibrating on a text (`--kv-calibration`) -----------------------------------------------
+
+
+CORPUS = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n" * 40
+
+
+def test_calibration_windows_spread_over_the_text(model):
+    block = model.config.block_size
+    text = list(range(3, 3 + 10 * block))  # position i holds id i + 3: windows are recognisable
+    ids = calibration_ids(model, text_ids=text)
+    assert ids.shape == (1 + MAX_CALIBRATION_WINDOWS, block)
+    np.testing.assert_array_equal(ids[0], calibration_ids(model)[0])  # the random row, as before
+    starts = [int(row[0]) - 3 for row in ids[1:]]
+    assert starts[0] == 0 and starts[-1] == len(text) - block  # first and last window
+    for start, row in zip(starts, ids[1:], strict=True):
+        np.testing.assert_array_equal(row, np.arange(start, start + block) + 3)
+    # just enough text: one window; a token short: one line naming both numbers and the fix
+    assert calibration_ids(model, text_ids=text[:block]).shape == (2, block)
+    with pytest.raises(ExportError, match=rf"is {block - 1} tokens.*block_size \({block}\)"):
+        calibration_ids(model, text_ids=text[: block - 1])
+
+
+def test_scales_take_the_maximum_over_every_row(model):
+    """Row by row (bounded memory) gives the scales of one batched pass."""
+    ids = calibration_ids(model, text_ids=list(range(5 * model.config.block_size)))
+    with torch.no_grad():
+        past = model(ids, use_cache=True).past_key_values
+    for pair, tensors in zip(kv_cache_scales(model, ids), past, strict=True):
+        for scale, tensor in zip(pair, tensors, strict=True):
+            peak = tensor.abs().amax(dim=(0, 2), keepdim=True)
+            torch.testing.assert_close(scale, peak * KV_CALIBRATION_HEADROOM / KV_INT8_LEVELS)
+
+
+def test_export_calibrated_on_a_text(model, bpe_tokenizer, tmp_path, kv8_path, monkeypatch):
+    """No sampling, scales from the text's windows, parity as the self-sampled export's, and the
+    metadata and notes say which text."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+
+    greedy_only = GPT.generate  # parity's greedy check still runs
+
+    def no_sampling(self, *args, temperature=1.0, **kwargs):
+        assert temperature == 0, "a calibration text replaces sampling"
+        return greedy_only(self, *args, temperature=temperature, **kwargs)
+
+    monkeypatch.setattr(GPT, "generate", no_sampling)
+    options = ExportOptions(kv_cache="inplace", kv_cache_dtype="int8", kv_calibration=str(corpus))
+    result = export_onnx(model, bpe_tokenizer, tmp_path / "text.onnx", options=options)
+    assert result.parity is not None and result.parity.ok
+    rows = calibration_ids(model, text_ids=bpe_tokenizer.encode(CORPUS, allow_special=True))
+    expected = kv_cache_scales(model, rows)
+    stored = file_scales(result.path)
+    for layer, pair in enumerate(expected):
+        for name, scale in zip(kv_scale_names(layer), pair, strict=True):
+            np.testing.assert_array_equal(stored[name], scale.numpy())
+    assert any(
+        not np.array_equal(scale, file_scales(kv8_path)[name]) for name, scale in stored.items()
+    )
+    assert metadata(result.path).export["kv_calibration"] == {
+        "text": "corpus.txt",
+        "rows": len(rows),
+    }
+    assert metadata(kv8_path).export["kv_calibration"]["text"] == "sampled by the model"
+    assert any(f"{len(rows) - 1} window(s) of corpus.txt" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "not found"),
+        (b"", "is empty"),
+        ("dir", "is a directory"),
+        (b"\xff\xfe\x00binary", "is not UTF-8 text (byte 0)"),
+        (b"short text", "tokens; the KV cache needs at least block_size (64)"),
+    ],
+    ids=["missing", "empty", "directory", "binary", "short"],
+)
+def test_bad_calibration_text_is_refused(model, bpe_tokenizer, tmp_path, content, needle):
+    path = tmp_path / "corpus.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    options = ExportOptions(kv_cache="inplace", kv_cache_dtype="int8", kv_calibration=str(path))
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ExportError, match=re.escape(needle)) as info:
+        export_onnx(model, bpe_tokenizer, out, options=options)
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_calibration_text_needs_the_int8_cache(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    with pytest.raises(ExportError, match=r"--kv-calibration .*add --kv-cache-dtype int8"):
+        ExportOptions(kv_cache="inplace", kv_calibration=str(corpus)).validate()
+
+
+def test_a_character_cut_by_the_read_limit_is_dropped(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ab\u00e9cd", encoding="utf-8")  # é is 2 bytes: b"ab\xc3\xa9cd"
+    monkeypatch.setattr(export.inplace_cache, "MAX_CALIBRATION_BYTES", 3)
+    assert read_calibration_text(corpus) == "ab"
+    monkeypatch.setattr(export.inplace_cache, "MAX_CALIBRATION_BYTES", 4)
+    assert read_calibration_text(corpus) == "ab\u00e9"
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 
@@ -485,6 +594,29 @@ def test_cli_unknown_kv_cache_dtype_is_a_usage_error(runner, checkpoint, tmp_pat
     result = runner.invoke(cli, [*args, "--kv-cache", "inplace", "--kv-cache-dtype", "int4"])
     assert result.exit_code == 2
     assert "Invalid value for '--kv-cache-dtype'" in result.output and "'int4'" in result.output
+
+
+def test_cli_export_calibrated_on_a_text(runner, checkpoint, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "kv8.onnx"
+    args = ["export", str(out), "--checkpoint", str(checkpoint), "--kv-cache", "inplace"]
+    result = runner.invoke(
+        cli, [*args, "--kv-cache-dtype", "int8", "--kv-calibration", str(corpus)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "window(s) of corpus.txt" in result.stdout
+    assert metadata(out).export["kv_calibration"]["text"] == "corpus.txt"
+
+
+def test_cli_calibration_text_without_the_int8_cache(runner, checkpoint, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "x.onnx"
+    args = ["export", str(out), "--checkpoint", str(checkpoint), "--kv-cache", "inplace"]
+    result = runner.invoke(cli, [*args, "--kv-calibration", str(corpus)])
+    one_line_error(result, "--kv-calibration", "--kv-cache-dtype int8", code=1)
+    assert not out.exists()
 
 
 def test_cli_help_lists_the_option(runner):
