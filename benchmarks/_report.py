@@ -15,6 +15,23 @@ INT4_BYTES_PER_WEIGHT = 0.5 + 4 / 128
 INT4_HEAD_BYTES_PER_WEIGHT = 1 + 4 / 128
 
 
+def _rounds_text(rounds: int) -> str:
+    if rounds <= 1:
+        return ""
+    return (
+        f"; {rounds} rounds of fresh processes, interleaved across systems, each figure from the "
+        "round with the median decode speed"
+    )
+
+
+def _spread(result: dict) -> str:
+    """ " (min-max over rounds)" after a decode speed measured in several rounds."""
+    speeds = [v for v in result.get("round_tok_s", []) if v is not None]
+    if len(speeds) < 2:
+        return ""
+    return f" ({fmt(min(speeds))}-{fmt(max(speeds))})"
+
+
 class Report(Results):
     """Renders every section: summary, every system, latency, memory, targets, machine, notes."""
 
@@ -39,7 +56,9 @@ class Report(Results):
             "# Decode benchmark results",
             "",
             f"Made by `{d['command']}` on {d['date']} in {d['seconds'] / 60:.1f} min "
-            f"(runs per figure: median of {d['plan']['runs']} after 1 warm-up).",
+            f"(runs per figure: median of {d['plan']['runs']} after 1 warm-up"
+            + _rounds_text(d["plan"].get("rounds", 1))
+            + ").",
             "",
         ]
         out += self._summary() + self._all_systems() + self._latency() + self._memory()
@@ -132,7 +151,8 @@ class Report(Results):
                     continue
                 reference = self.get(shape, r["batch"], REFERENCE)
                 lines.append(
-                    f"| {shape} | {r['batch']} | {name} | {file} | {fmt(r['decode_tok_s'])} | "
+                    f"| {shape} | {r['batch']} | {name} | {file} | {fmt(r['decode_tok_s'])}"
+                    f"{_spread(r)} | "
                     f"{fmt(r['step_ms'], 2)} | {fmt(r['ttft_ms'])} | {fmt(r['cold_start_s'], 2)} | "
                     f"{fmt(r['peak_rss_mb'], 0)} | {agreement(r, reference)} | "
                     f"{r.get('cache_mode', '–')} | {load_mark(r)} |"

@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         "--runs", type=int, help="timed runs per figure after one warm-up (default 3, --quick 2)"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="fresh processes per system and batch, interleaved across systems; each figure "
+        "comes from the round with the median decode speed (default 1)",
+    )
+    parser.add_argument(
         "--cold-runs", type=int, help="extra fresh processes for gptkit's cold start (default 2)"
     )
     parser.add_argument(
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         rebuild=args.rebuild,
         genai_python=args.genai_python,
         llama_cpp=str(Path(args.llama_cpp).resolve()) if args.llama_cpp else None,
+        rounds=max(1, args.rounds),
     )
     data = run_benchmark(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     report = Report(data).render()
