@@ -17,6 +17,7 @@ prompt-sized forward pass per ``block_size / 4`` generated tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -225,9 +226,8 @@ def _greedy_picks(logits: np.ndarray, n_vocab: int) -> list[int | None]:
     """Each row's argmax over the valid ids where it is finite, else None (a NaN or +inf:
     choose_token deals with those): choose_token's greedy fast path, for the batch at once."""
     valid = logits[:, :n_vocab]
-    tokens = valid.argmax(axis=1)  # NB: the first NaN if a row has one, as per row
-    finite = np.isfinite(valid[np.arange(len(tokens)), tokens])
-    return [t if ok else None for t, ok in zip(tokens.tolist(), finite.tolist(), strict=True)]
+    tokens = valid.argmax(axis=1).tolist()  # NB: the first NaN if a row has one, as per row
+    return [t if math.isfinite(row[t]) else None for row, t in zip(valid, tokens, strict=True)]
 
 
 class TextTracker:
