@@ -6,7 +6,6 @@ exporter's source changes. torch and the exporter are imported only when somethi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import _common as common
 
-from export.genai_export import write_genai_config
 from runtime import onnx_contract as contract
 
 # Exports made for each shape: directory -> (precision, ExportOptions.kv_cache,
@@ -123,6 +121,8 @@ def prepare_artifacts(
 def _exporter_fingerprint() -> str:
     """Changes whenever the exporter's source or the ONNX contract does, so cached exports are
     rebuilt."""
+    import hashlib  # here, not at the top: a worker's cold start is its system's, not OpenSSL's
+
     digest = hashlib.sha256()
     root = Path(__file__).resolve().parent.parent
     for path in [*sorted((root / "export").glob("*.py")), Path(contract.__file__)]:
@@ -170,6 +170,8 @@ def _write_genai_config_for(path: Path, config: dict[str, Any], kv_cache: str) -
     genai` uses; past_present_share_buffer follows ``kv_cache``), for the benchmark's workload:
     max_length = min_length = prompt + new tokens (genai refuses more than block_size), so every
     system generates the same count, and THREADS intra-op threads."""
+    from export.genai_export import write_genai_config
+
     length = min(common.PROMPT_LEN + common.NEW_TOKENS, config["block_size"])
     write_genai_config(
         path.parent,

@@ -46,7 +46,7 @@ exactly 32 tokens (llama.cpp's own count is checked when its perf lines are ther
 feeds random ids. Neither prints the generated ids, so llama rows have no greedy comparison with
 PyTorch.
 
-Registered in the benchmark by ``LLAMA_SYSTEMS`` (system -> (label, file key)) and ``worker(spec)``,
+Registered in the benchmark by ``_systems.LLAMA_SYSTEMS`` (system -> (label, file key)) and ``worker(spec)``,
 which returns the same result dict as ``_worker.worker``. Standalone:
 
     python benchmarks/_llamacpp.py --llama-cpp /path/to/llama.cpp/build --shape gpt2
@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as common  # first: it pins the BLAS/OpenMP thread pools
+from _systems import LLAMA_SYSTEMS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -80,19 +81,6 @@ LLAMA_CPP_ENV = "GPTKIT_LLAMA_CPP"  # the build directory, when the spec does no
 TIME = Path("/usr/bin/time")  # GNU time: the child's own ru_maxrss
 RUN_TIMEOUT_S = 600.0
 
-# system -> (label, file key: the GGUF type); the order is the order of the runs and rows.
-LLAMA_SYSTEMS = {
-    "llama-f32": ("llama.cpp llama-completion, GGUF f32 (convert_hf_to_gguf.py)", "gguf-f32"),
-    "llama-q8_0": ("llama.cpp llama-completion, GGUF q8_0 (convert_hf_to_gguf.py)", "gguf-q8_0"),
-    "llama-q4_0": (
-        "llama.cpp llama-completion, GGUF q4_0 (llama-quantize; tied embedding/head q6_K)",
-        "gguf-q4_0",
-    ),
-    "llama-q4_K_M": (
-        "llama.cpp llama-completion, GGUF q4_K_M (llama-quantize; tied embedding/head q6_K)",
-        "gguf-q4_K_M",
-    ),
-}
 CONVERTED = ("f32", "q8_0")  # written by convert_hf_to_gguf.py --outtype (as serve.py does)
 QUANTIZED = {"q4_0": "Q4_0", "q4_K_M": "Q4_K_M"}  # llama-quantize from the f32 file
 PROMPT_TEXT = (

@@ -7,7 +7,6 @@ import platform
 import resource
 import threading
 import time
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +113,8 @@ def measure_gemm_gflops(n: int = 2048, repeats: int = 3) -> float:
 
 
 def package_versions() -> dict[str, str]:
+    from importlib import metadata as importlib_metadata  # here: not in a worker's start
+
     versions = {}
     for name in VERSION_PACKAGES:
         try:

@@ -14,7 +14,6 @@ from pathlib import Path
 import _common as common
 import numpy as np
 from _artifacts import ARTIFACTS
-from _llamacpp import LLAMA_SYSTEMS
 
 from runtime import onnx_contract as contract
 
@@ -65,6 +64,20 @@ for _precision in ("fp32", "int8", "int4"):  # the in-place exports with an int8
         "gptkit runtime, `--kv-cache inplace --kv-cache-dtype int8` export (shared buffer)",
         f"inplace-{_precision}-kv8",
     )
+# llama.cpp's rows: system -> (label, file key: the GGUF type), run by _llamacpp.worker (imported
+# only by their workers, so the other systems' cold starts do not include it).
+LLAMA_SYSTEMS = {
+    "llama-f32": ("llama.cpp llama-completion, GGUF f32 (convert_hf_to_gguf.py)", "gguf-f32"),
+    "llama-q8_0": ("llama.cpp llama-completion, GGUF q8_0 (convert_hf_to_gguf.py)", "gguf-q8_0"),
+    "llama-q4_0": (
+        "llama.cpp llama-completion, GGUF q4_0 (llama-quantize; tied embedding/head q6_K)",
+        "gguf-q4_0",
+    ),
+    "llama-q4_K_M": (
+        "llama.cpp llama-completion, GGUF q4_K_M (llama-quantize; tied embedding/head q6_K)",
+        "gguf-q4_K_M",
+    ),
+}
 # llama-f32, llama-q8_0, llama-q4_0, llama-q4_K_M: llama.cpp's own programs on GGUF conversions of
 # the same weights (benchmarks/_llamacpp.py; only with decode.py --llama-cpp DIR, batch 1)
 SYSTEMS.update(LLAMA_SYSTEMS)

@@ -15,9 +15,7 @@ import math
 import time
 from pathlib import Path
 
-import _artifacts
 import _common as common
-import _machine
 import numpy as np
 from _systems import make_system
 
@@ -66,6 +64,8 @@ def worker(spec: dict) -> dict:
         n_tokens=int(runs[-1].tokens.shape[1]),
         runs=n_runs,
     )
+    import _machine  # after the cold start: only the system's own imports are in it
+
     result["peak_rss_mb"] = _machine.peak_rss_mb()  # the workload's peak, before the probes
     if hasattr(runner, "cache_mode"):
         result["cache_mode"] = runner.cache_mode(prompt)
@@ -90,6 +90,8 @@ def _probe(runner, config: dict, repeats: int) -> dict[str, float]:
 
 def prepare(shape: str, work_dir: Path, *, rebuild: bool, artifacts, warm) -> dict:
     """One shape's weights and exports (built or reused), each gptkit file loaded once."""
+    import _artifacts
+
     manifest = _artifacts.prepare_artifacts(shape, work_dir, force=rebuild, artifacts=artifacts)
     manifest["warmed"] = _artifacts.warm_runtime_cache(manifest, warm or [])
     return manifest
