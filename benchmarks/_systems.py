@@ -64,8 +64,9 @@ for _precision in ("fp32", "int8", "int4"):  # the in-place exports with an int8
         "gptkit runtime, `--kv-cache inplace --kv-cache-dtype int8` export (shared buffer)",
         f"inplace-{_precision}-kv8",
     )
-# llama.cpp's rows: system -> (label, file key: the GGUF type), run by _llamacpp.worker (imported
-# only by their workers, so the other systems' cold starts do not include it).
+# llama.cpp's own programs on GGUF conversions of the same weights (only with decode.py
+# --llama-cpp DIR, batch 1): system -> (label, file key: the GGUF type). Run by
+# _llamacpp.worker, which only their workers import, so the others' cold starts leave it out.
 LLAMA_SYSTEMS = {
     "llama-f32": ("llama.cpp llama-completion, GGUF f32 (convert_hf_to_gguf.py)", "gguf-f32"),
     "llama-q8_0": ("llama.cpp llama-completion, GGUF q8_0 (convert_hf_to_gguf.py)", "gguf-q8_0"),
@@ -78,8 +79,6 @@ LLAMA_SYSTEMS = {
         "gguf-q4_K_M",
     ),
 }
-# llama-f32, llama-q8_0, llama-q4_0, llama-q4_K_M: llama.cpp's own programs on GGUF conversions of
-# the same weights (benchmarks/_llamacpp.py; only with decode.py --llama-cpp DIR, batch 1)
 SYSTEMS.update(LLAMA_SYSTEMS)
 # gptkit precision -> the llama.cpp row it is compared with
 LLAMA_PEER = {"fp32": "llama-f32", "int8": "llama-q8_0", "int4": "llama-q4_0"}
